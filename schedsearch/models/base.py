@@ -1,0 +1,135 @@
+"""The adapter interface: everything schedsearch needs to know about one VLM family.
+
+Lifecycle::
+
+    adapter = load_model("qwen2.5-vl")          # registry -> family adapter -> from_pretrained(dir)
+    batch = adapter.prepare(images, prompts)     # processor output, left-padded, on the model's device
+    vis = adapter.visual_mask(batch["input_ids"])        # (B, N) bool: which positions are visual tokens
+    coords = adapter.visual_coords(batch)                # (B, V, 3): image index, row, col in [0, 1)
+    h = adapter.last_hidden_state(batch)                 # (B, D): final-norm state of the last token
+    with apply_schedule(adapter.model, schedule, adapter=adapter): ...
+
+Only the adapter modules branch on model families; the runtime, FLOPs model and search
+use this interface. Facts that are only data (attribute paths, model types, aliases) live in
+the ``FamilySpec`` tables of each adapter module, not in code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Data-only facts about one model family (one row per HF class name)."""
+
+    family: str  # stable id written into schedules, e.g. "qwen2_5_vl"
+    model_types: tuple[str, ...]  # config.model_type values this family loads
+    model_class: str  # transformers class name, e.g. "Qwen2_5_VLForConditionalGeneration"
+    text_model_path: str  # attribute path from the top model to the decoder stack, e.g. "model.language_model"
+    image_token_attr: str = "image_token_id"  # attribute of the top config holding the image token id
+
+
+class VLMAdapter:
+    """Base class of family adapters. Subclasses set ``spec`` and implement the abstract methods."""
+
+    spec: ClassVar[FamilySpec]
+
+    def __init__(self, model: Any, processor: Any, name_or_path: str):
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        dtype: Any = None,
+        attn_implementation: str | None = None,
+        device: str | None = None,
+    ) -> VLMAdapter:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ structure
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def text_model(self) -> Any:
+        """The decoder stack module (has ``.layers`` and ``.norm``; receives ``inputs_embeds``)."""
+        obj = self.model
+        for part in self.spec.text_model_path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    @property
+    def decoder_layers(self) -> Any:
+        return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def image_token_id(self) -> int:
+        return int(getattr(self.model.config, self.spec.image_token_attr))
+
+    def fingerprint(self) -> str:
+        """sha256 of the model's config (canonical JSON, without names/paths/dtype), hex, 16 chars."""
+        return config_fingerprint(self.model.config.to_dict())
+
+    # ---------------------------------------------------------------- batches
+    def prepare(self, images: list[list[Image.Image]], prompts: list[str]) -> Any:  # pragma: no cover
+        """Build a left-padded model batch (BatchFeature) from per-sample image lists and prompts."""
+        raise NotImplementedError
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: positions holding visual tokens, found from the processor's token id."""
+        return input_ids == self.image_token_id
+
+    def visual_coords(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        """(B, V, 3) float: for every visual token in sequence order, (image index, row, col).
+
+        row/col are the token's cell centre normalised to [0, 1) within its image; tokens that have no
+        spatial cell (e.g. LLaVA-NeXT's newline tokens) get the row of their line and col = 1 - eps.
+        """
+        raise NotImplementedError
+
+    def last_hidden_state(self, batch: Any) -> torch.Tensor:
+        """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model.model(**batch, use_cache=False)
+        return out.last_hidden_state[:, -1, :]
+
+
+def config_fingerprint(config_dict: dict) -> str:
+    """Stable fingerprint of a model config: architecture numbers only, not names, paths or dtypes."""
+    drop = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash",
+            "architectures", "_attn_implementation", "attn_implementation", "_attn_implementation_autoset",
+            "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in sorted(obj.items()) if k not in drop}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        return obj
+
+    blob = json.dumps(clean(config_dict), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
