@@ -35,6 +35,7 @@ class FamilySpec:
     model_class: str  # transformers class name, e.g. "Qwen2_5_VLForConditionalGeneration"
     text_model_path: str  # attribute path from the top model to the decoder stack, e.g. "model.language_model"
     image_token_attr: str = "image_token_id"  # attribute of the top config holding the image token id
+    vision_path: str = ""  # attribute path to the vision tower (its call inputs are recorded for visual_coords)
 
 
 class VLMAdapter:
@@ -77,6 +78,16 @@ class VLMAdapter:
         return self.text_model.layers
 
     @property
+    def vision_tower(self) -> Any:
+        """The vision encoder module, or None. The runtime records its last call's inputs for visual_coords."""
+        if not self.spec.vision_path:
+            return None
+        obj = self.model
+        for part in self.spec.vision_path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    @property
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 
@@ -106,6 +117,9 @@ class VLMAdapter:
 
         row/col are the token's cell centre normalised to [0, 1) within its image; tokens that have no
         spatial cell (e.g. LLaVA-NeXT's newline tokens) get the row of their line and col = 1 - eps.
+        ``batch`` holds the base model's forward kwargs that are not None and, under ``"_vision_call"``,
+        the (args, kwargs) of the vision tower's last call: inside ``generate()`` the encoder runs first
+        and e.g. ``image_grid_thw`` reaches only the vision tower.
         """
         raise NotImplementedError
 

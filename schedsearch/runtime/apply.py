@@ -1,0 +1,360 @@
+"""apply_schedule: drop visual tokens between decoder layers of a stock transformers VLM.
+
+Lifecycle::
+
+    with apply_schedule(model, schedule, adapter=adapter) as handle:   # hooks installed on THIS instance
+        model.generate(**batch)                                        # prefill drops, decode follows
+        handle.kept_indices[l]                                         # (B, n_l) original positions alive at layer l
+    # on exit every hook is removed; the model is exactly as before
+
+Mechanism (no class is patched; everything is a removable forward pre-hook):
+
+1. A pre-hook on the multimodal base model (the parent of the decoder stack) reads ``input_ids``
+   at prefill and asks the adapter which positions are visual tokens.
+2. A pre-hook on the decoder stack notes whether this forward is a prefill (empty cache) or a
+   decode step, and the 2-D padding mask.
+3. A pre-hook on every decoder layer. At prefill, where the schedule's kept count falls at layer
+   ``l``, it scores the alive visual tokens (scorers.py), keeps the best ``n_l``, optionally merges
+   the pruned ones into kept ones (recycle.py), and compacts ``hidden_states``. For every layer
+   after the first drop it gathers the rotary ``(cos, sin)``, the attention mask and position ids
+   that the stack computed once for the full sequence, by the survivors' ORIGINAL indices, so
+   every survivor keeps its original position (Qwen's 3-D mRoPE included: it is folded into
+   cos/sin). Each layer's KV cache therefore holds only its survivors. At decode steps the layer
+   gets a mask rebuilt for its own cache: its prefill survivors plus all decoded tokens, with
+   padding from the 2-D mask.
+
+Limits (raise a clear error rather than compute something wrong): all samples of a batch must
+have the same number of visual tokens; a prefill must start from an empty cache; flex-attention
+block masks are not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from schedsearch.errors import SchedsearchError, ScheduleError
+from schedsearch.runtime.recycle import cell_ids, merge_into_kept
+from schedsearch.runtime.scorers import External, ScoreContext, build_scorer
+from schedsearch.schedule import kept_counts
+
+
+class RuntimeScheduleError(SchedsearchError):
+    """A batch or model state the runtime cannot prune correctly."""
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _cache_len(past: Any) -> int:
+    if past is None:
+        return 0
+    try:
+        return int(past.get_seq_length())
+    except Exception:  # noqa: BLE001 - exotic caches: treat as non-empty to avoid pruning wrongly
+        return 1
+
+
+@dataclass
+class _Forward:
+    """State of one prefill and the decode steps that follow it."""
+
+    visual: torch.Tensor  # (B, N) bool, original sequence
+    counts: list[int]  # kept visual tokens entering each layer
+    n_visual: int
+    n_prefill: int
+    total_len: int
+    valid: torch.Tensor | None  # (B, L) bool padding mask (None: no padding)
+    coords: torch.Tensor | None = None  # (B, V, 3), computed at the first drop when recycling
+    cur_idx: torch.Tensor | None = None  # (B, n) original positions alive; None = all
+    version: int = 0
+    decode: bool = False
+    layer_keep: dict[int, torch.Tensor] = field(default_factory=dict)
+    gathered: dict[tuple[int, int], Any] = field(default_factory=dict)
+
+    @property
+    def alive_visual(self) -> int:
+        return self.n_visual if self.cur_idx is None else int(self.visual.gather(1, self.cur_idx)[0].sum())
+
+
+class ScheduleHandle:
+    """Installed hooks for one (model, schedule). Use as a context manager or call :meth:`remove`."""
+
+    def __init__(self, adapter: Any, schedule: Any, importance: Any = None):
+        self.adapter = adapter
+        self.schedule = schedule
+        self.ratios = [float(r) for r in _field(schedule, "keep_ratios")]
+        scorer = _field(schedule, "scorer")
+        self.scorer = build_scorer(_field(scorer, "name", "last_token_attention"), _field(scorer, "params", {}),
+                                   importance)
+        recycling = _field(schedule, "recycling")
+        self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
+        cfg = adapter.text_config
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self._pending: torch.Tensor | None = None
+        self._batch: dict[str, Any] = {}  # base-model kwargs of the last prefill + the vision tower's call
+        self._fwd: _Forward | None = None
+        self.kept_indices: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._install()
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        text = self.adapter.text_model
+        base_path = self.adapter.spec.text_model_path.rsplit(".", 1)[0]
+        base = self.adapter.model
+        for part in base_path.split(".") if base_path != self.adapter.spec.text_model_path else []:
+            base = getattr(base, part)
+        self._handles.append(base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
+        vision = self.adapter.vision_tower
+        if vision is not None:  # generate() runs the encoder before the first forward: record its inputs
+            self._handles.append(vision.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        self._handles.append(text.register_forward_pre_hook(self._text_pre, with_kwargs=True))
+        for i, layer in enumerate(self.adapter.decoder_layers):
+            self._handles.append(
+                layer.register_forward_pre_hook(lambda m, a, k, _i=i: self._layer_pre(_i, m, a, k), with_kwargs=True)
+            )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._fwd = None
+        self._pending = None
+        self._batch = {}
+
+    def __enter__(self) -> ScheduleHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def _base_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if _cache_len(kwargs.get("past_key_values")) > 0:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            self._pending = None
+            return None
+        self._pending = self.adapter.visual_mask(input_ids)
+        vision_call = self._batch.get("_vision_call")
+        self._batch = {k: v for k, v in kwargs.items() if v is not None}
+        if vision_call is not None:
+            self._batch["_vision_call"] = vision_call
+        return None
+
+    def _vision_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._batch["_vision_call"] = (args, kwargs)
+        return None
+
+    def _batch_info(self) -> dict[str, Any]:
+        """Base-model kwargs of this prefill plus ``_vision_call`` = (args, kwargs) of the vision tower."""
+        return self._batch
+
+    def _text_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seq = embeds.shape[1] if embeds is not None else ids.shape[1]
+        am = kwargs.get("attention_mask")
+        valid = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        if _cache_len(kwargs.get("past_key_values")) == 0:  # prefill
+            pending, self._pending = self._pending, None
+            self._fwd = None
+            self.kept_indices = {}
+            if pending is None or pending.shape[1] != seq:
+                return None
+            visual = pending
+            per_sample = visual.sum(dim=1)
+            if bool((per_sample != per_sample[0]).any()):
+                raise RuntimeScheduleError(
+                    f"batch samples have different visual-token counts {per_sample.tolist()}: "
+                    "pruning needs equal counts per batch; group samples by image size or run them one at a time"
+                )
+            n_vis = int(per_sample[0])
+            counts = kept_counts(self.ratios, n_vis)
+            if n_vis == 0 or all(c == n_vis for c in counts):
+                return None
+            self._fwd = _Forward(visual=visual, counts=counts, n_visual=n_vis, n_prefill=seq, total_len=seq,
+                                 valid=valid)
+            if isinstance(self.scorer, External):
+                self.scorer.begin(self._batch_info())
+        elif self._fwd is not None:
+            self._fwd.decode = True
+            self._fwd.total_len += seq
+            self._fwd.valid = valid
+        return None
+
+    def _layer_pre(self, l: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        st = self._fwd
+        if st is None:
+            return None
+        hs = args[0] if args else kwargs["hidden_states"]
+        if st.decode:
+            if l not in st.layer_keep or kwargs.get("attention_mask") is None:
+                return None
+            kwargs["attention_mask"] = self._decode_mask(st, l, kwargs["attention_mask"], hs.shape[1])
+            return args, kwargs
+        if st.counts[l] < st.alive_visual:
+            hs = self._drop(st, l, module, hs, kwargs)
+        if st.cur_idx is None:
+            return None
+        st.layer_keep[l] = st.cur_idx
+        self.kept_indices[l] = st.cur_idx
+        kwargs.update(self._gathered(st, kwargs))
+        if args:
+            args = (hs, *args[1:])
+        else:
+            kwargs["hidden_states"] = hs
+        return args, kwargs
+
+    # ------------------------------------------------------------ prefill
+    def _gathered(self, st: _Forward, kwargs: dict) -> dict:
+        """cos/sin, mask and position ids of the full sequence, gathered to the survivors (memoised)."""
+        mask = kwargs.get("attention_mask")
+        key = (st.version, id(mask))
+        if key in st.gathered:
+            return st.gathered[key]
+        idx = st.cur_idx
+        bsz = idx.shape[0]
+        out: dict[str, Any] = {}
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            out["position_embeddings"] = tuple(_gather_seq(t.expand(bsz, *t.shape[1:]), idx, dim=1) for t in pe)
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            out["position_ids"] = _gather_seq(pos.expand(*pos.shape[:-2], bsz, pos.shape[-1]), idx, dim=-1)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise RuntimeScheduleError(
+                    f"attention mask of type {type(mask).__name__} is not supported: load the model with "
+                    "attn_implementation='sdpa' or 'eager'"
+                )
+            if mask.dim() == 4:
+                m = mask.expand(bsz, *mask.shape[1:])
+                m = _gather_seq(m, idx, dim=2)
+                out["attention_mask"] = _gather_seq(m, idx, dim=3)
+            else:
+                out["attention_mask"] = _gather_seq(mask.expand(bsz, mask.shape[-1]), idx, dim=1)
+        st.gathered[key] = out
+        return out
+
+    def _drop(self, st: _Forward, l: int, layer: Any, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        bsz, n, _ = hs.shape
+        cur = st.cur_idx if st.cur_idx is not None else torch.arange(n, device=hs.device).expand(bsz, n)
+        is_vis = st.visual.gather(1, cur)
+        vis_local = is_vis.nonzero()[:, 1].view(bsz, -1)
+        vis_rank = st.visual.long().cumsum(1) - 1  # original visual order of each visual position
+        vis_orig = vis_rank.gather(1, cur.gather(1, vis_local))
+        valid = st.valid.gather(1, cur) if st.valid is not None else torch.ones_like(is_vis)
+        cos = sin = None
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            cos, sin = (_gather_seq(t.expand(bsz, *t.shape[1:]), cur, dim=1) for t in pe)
+        n_keep = st.counts[l]
+        ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
+                           visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
+                           head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+        with torch.no_grad():
+            scores = self.scorer(ctx).float()
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
+        keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        if self.grid and st.coords is None:
+            st.coords = self.adapter.visual_coords(self._batch_info())
+        if self.grid:
+            coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
+            vis_h = _gather_seq(hs, vis_local, dim=1)
+            merged = merge_into_kept(vis_h, keep_vis, scores, cell_ids(coords, self.grid))
+            hs = hs.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged)
+        keep_seq = ~is_vis
+        keep_seq = keep_seq.scatter(1, vis_local, keep_vis)
+        local = keep_seq.nonzero()[:, 1].view(bsz, -1)
+        st.cur_idx = cur.gather(1, local)
+        st.version += 1
+        return _gather_seq(hs, local, dim=1)
+
+    # ------------------------------------------------------------- decode
+    def _decode_mask(self, st: _Forward, l: int, mask: Any, q_len: int) -> torch.Tensor:
+        keep = st.layer_keep[l]
+        bsz, device = keep.shape[0], keep.device
+        total = st.total_len
+        keys = torch.cat([keep, torch.arange(st.n_prefill, total, device=device).expand(bsz, -1)], dim=1)
+        valid = st.valid.gather(1, keys) if st.valid is not None and st.valid.shape[1] == total else \
+            torch.ones_like(keys, dtype=torch.bool)
+        if not isinstance(mask, torch.Tensor):
+            raise RuntimeScheduleError(f"attention mask of type {type(mask).__name__} is not supported at decode")
+        if mask.dim() == 2:
+            return valid.to(mask.dtype)
+        qpos = torch.arange(total - q_len, total, device=device)
+        allowed = valid[:, None, None, :] & (keys[:, None, None, :] <= qpos[None, None, :, None])
+        if mask.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(mask.dtype).min
+        )
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather ``t`` along ``dim`` by per-sample indices ``idx`` (B, k); batch is the dim before
+    ``dim`` for hidden/cos/sin (dim=1), and dim 0 for 4-D masks (dim=2/3)."""
+    dim = dim % t.dim()
+    if dim in (2, 3) and t.dim() == 4:  # mask (B, 1, q, k)
+        shape = list(t.shape)
+        shape[dim] = idx.shape[1]
+        view = [idx.shape[0], 1, 1, 1]
+        view[dim] = idx.shape[1]
+        return t.gather(dim, idx.view(view).expand(shape))
+    if t.dim() == idx.dim() + 1 and dim == 1:  # (B, n, D)
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    # position ids (..., B, n) or 2-D masks (B, n)
+    lead = t.shape[:-2]
+    e = idx.expand(*lead, *idx.shape) if lead else idx
+    return t.gather(t.dim() - 1, e)
+
+
+def apply_schedule(
+    model: Any,
+    schedule: Any = None,
+    *,
+    adapter: Any = None,
+    importance: Any = None,
+) -> ScheduleHandle:
+    """Install ``schedule`` on this model instance; returns a handle (context manager).
+
+    ``model`` is a transformers VLM or a schedsearch adapter. ``schedule`` is a :class:`Schedule`,
+    a path to a schedule JSON, or a dict with the same fields. ``importance`` feeds the
+    ``external`` scorer: a (B, V) tensor per original visual token or a callable of the batch.
+    """
+    from schedsearch.models.base import VLMAdapter
+
+    if isinstance(model, VLMAdapter):
+        adapter, model = model, model.model
+    if adapter is None:
+        from schedsearch.models import adapter_for_model
+
+        adapter = adapter_for_model(model)
+    if schedule is None:
+        raise ScheduleError("apply_schedule needs a schedule (a Schedule, a path to a schedule JSON, or a dict)")
+    if isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__"):
+        from schedsearch.schedule import load_schedule
+
+        schedule = load_schedule(schedule)
+    ratios = _field(schedule, "keep_ratios")
+    if ratios is None:
+        raise ScheduleError("schedule has no keep_ratios")
+    if len(ratios) != adapter.num_layers:
+        from schedsearch.errors import IncompatibleScheduleError
+
+        raise IncompatibleScheduleError(
+            f"schedule has {len(ratios)} keep_ratios but the model has {adapter.num_layers} decoder layers: "
+            "use a schedule made for this model"
+        )
+    return ScheduleHandle(adapter, schedule, importance)
