@@ -1,0 +1,151 @@
+"""Measure a schedule on a model and a calibration set: budget, discrepancy and prefill time.
+
+    report = evaluate_schedule(adapter, schedule, samples)
+
+* budget: FLOPs / KV / layer-averaged token ratios from :mod:`schedsearch.flops` on the real
+  token counts of the samples;
+* discrepancy: mean over samples of ``1 - cos(h, h_pruned)`` where ``h`` is the last token's
+  final-norm hidden state (VFlowOpt, arXiv 2508.05211, Sec. 3.4 maximises the cosine; we minimise
+  its complement);
+* prefill time: median wall time of a full forward (vision encoder + decoder, ``use_cache=False``)
+  with and without the schedule, interleaved so drift hits both alike.
+
+Samples are batched only with samples that have the same number of visual tokens (the runtime's
+requirement), left-padded by the adapter's processor.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from schedsearch.flops import DecoderShape, budget_report
+from schedsearch.runtime import apply_schedule
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    n_samples: int
+    n_visual_mean: float
+    n_text_mean: float
+    flops_ratio: float
+    kv_ratio: float
+    token_ratio: float
+    discrepancy: float  # mean 1 - cos of last-token final hidden state
+    discrepancy_max: float
+    prefill_ms_unpruned: float | None
+    prefill_ms_pruned: float | None
+
+    @property
+    def prefill_speedup(self) -> float | None:
+        if not self.prefill_ms_pruned or self.prefill_ms_unpruned is None:
+            return None
+        return self.prefill_ms_unpruned / self.prefill_ms_pruned
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prefill_time_ratio"] = (self.prefill_ms_pruned / self.prefill_ms_unpruned
+                                   if self.prefill_ms_pruned and self.prefill_ms_unpruned else None)
+        d["prefill_speedup"] = self.prefill_speedup
+        return d
+
+
+def make_batches(adapter: Any, samples: Sequence[Any], batch_size: int = 8) -> list[Any]:
+    """Left-padded batches of samples that share a visual-token count (order kept within a group)."""
+    groups: dict[int, list[Any]] = {}
+    for s in samples:
+        one = adapter.prepare([list(s.images)], [s.prompt])
+        n_vis = int(adapter.visual_mask(one["input_ids"]).sum())
+        groups.setdefault(n_vis, []).append(s)
+    batches = []
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            batches.append(adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk]))
+    return batches
+
+
+def token_counts(adapter: Any, batches: Iterable[Any]) -> list[tuple[int, int]]:
+    """(n_text, n_visual) per sample, padding excluded."""
+    out = []
+    for b in batches:
+        vis = adapter.visual_mask(b["input_ids"])
+        real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones_like(vis)
+        for i in range(vis.shape[0]):
+            n_vis = int(vis[i].sum())
+            out.append((int(real[i].sum()) - n_vis, n_vis))
+    return out
+
+
+@torch.no_grad()
+def last_token_states(adapter: Any, batches: Sequence[Any], schedule: Any = None, importance: Any = None
+                      ) -> torch.Tensor:
+    """(S, D) last-token final-norm hidden states, with ``schedule`` applied when given."""
+    outs = []
+    for b in batches:
+        if schedule is None:
+            outs.append(adapter.last_hidden_state(b).float())
+        else:
+            with apply_schedule(adapter.model, schedule, adapter=adapter, importance=importance):
+                outs.append(adapter.last_hidden_state(b).float())
+    return torch.cat(outs)
+
+
+def cosine_discrepancy(ref: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1 - cos(ref, pruned)."""
+    return 1.0 - torch.nn.functional.cosine_similarity(ref.float(), pruned.float(), dim=-1)
+
+
+@torch.no_grad()
+def time_prefill(adapter: Any, batches: Sequence[Any], schedule: Any, repeats: int = 3) -> tuple[float, float]:
+    """Median ms of one pass over all batches, unpruned and pruned (interleaved, one warm-up each)."""
+    model = adapter.model
+
+    def one_pass(sched: Any) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            if sched is None:
+                model(**b, use_cache=False, logits_to_keep=1)
+            else:
+                with apply_schedule(model, sched, adapter=adapter):
+                    model(**b, use_cache=False, logits_to_keep=1)
+        return (time.perf_counter() - t0) * 1e3
+
+    one_pass(None)
+    one_pass(schedule)
+    full, pruned = [], []
+    for _ in range(max(1, repeats)):
+        full.append(one_pass(None))
+        pruned.append(one_pass(schedule))
+    return statistics.median(full), statistics.median(pruned)
+
+
+def evaluate_schedule(adapter: Any, schedule: Any, samples: Sequence[Any], *, batch_size: int = 8,
+                      repeats: int = 3, timing: bool = True) -> EvalReport:
+    batches = make_batches(adapter, samples, batch_size)
+    counts = token_counts(adapter, batches)
+    ratios = list(schedule.keep_ratios)
+    shape = DecoderShape.from_config(adapter.text_config)
+    budget = budget_report(shape, counts, ratios)
+    ref = last_token_states(adapter, batches)
+    got = last_token_states(adapter, batches, schedule)
+    disc = cosine_discrepancy(ref, got)
+    t_full = t_pruned = None
+    if timing:
+        t_full, t_pruned = time_prefill(adapter, batches, schedule, repeats)
+    return EvalReport(
+        n_samples=len(counts),
+        n_visual_mean=sum(v for _, v in counts) / len(counts),
+        n_text_mean=sum(t for t, _ in counts) / len(counts),
+        flops_ratio=budget.flops_ratio,
+        kv_ratio=budget.kv_ratio,
+        token_ratio=budget.token_ratio,
+        discrepancy=float(disc.mean()),
+        discrepancy_max=float(disc.max()),
+        prefill_ms_unpruned=t_full,
+        prefill_ms_pruned=t_pruned,
+    )

@@ -1,0 +1,151 @@
+"""Prefill speed-up and KV-cache bytes of the runtime at keep ratios 1.0 / 0.5 / 0.2 / 0.1.
+
+    python studies/bench_runtime.py            # tiny model + real-width Qwen2.5-VL-7B layers (~5 min on 2 cores)
+    python studies/bench_runtime.py --quick    # tiny model + 2 real-width layers, 1 repeat
+
+(a) a tiny random-init Qwen2.5-VL (schedsearch.testing.tiny);
+(b) real-width, reduced-depth Qwen2.5-VL-7B text layers (hidden 3584, 28 heads / 4 KV heads,
+    head_dim 128, SwiGLU MLP 18944; random weights, small vocab and a 1-block vision tower so the
+    decoder dominates) with 1,008 visual tokens (a 28x36 merged grid) and ~40 text tokens.
+
+Each keep ratio r is applied from layer 0 (every layer of the reduced stack runs on r x visual
+tokens: these layers stand for the deep part of a 28-layer model after the drop). Scorer:
+``uniform`` (and one ``last_token_attention`` row at 0.2 to show the scoring overhead).
+Prints: FLOPs ratio from schedsearch.flops, ideal speed-up 1/FLOPs ratio, measured prefill
+speed-up (median wall time of a forward that fills the KV cache), their ratio, and KV bytes
+measured from the cache tensors against the FLOPs model's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schedsearch.flops import DecoderShape, budget_report, kv_cache_bytes  # noqa: E402
+from schedsearch.models import load_model  # noqa: E402
+from schedsearch.runtime import apply_schedule  # noqa: E402
+
+KEEPS = (1.0, 0.5, 0.2, 0.1)
+
+
+def real_width_adapter(n_layers: int):
+    """Qwen2.5-VL-7B text shapes, reduced depth, saved and reloaded through load_model (same path as a checkpoint)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from schedsearch.testing.tiny import make_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench7b-"))
+    make_tiny("qwen2_5_vl", tmp)  # tokenizer + processor files; the model is replaced below
+    small = Qwen2_5_VLConfig.from_pretrained(tmp)
+    text = small.text_config.to_dict()
+    text.update(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                num_hidden_layers=n_layers, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    text.pop("head_dim", None)
+    text.pop("layer_types", None)
+    vision = small.vision_config.to_dict()
+    vision.update(out_hidden_size=3584)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                           **{k: getattr(small, k) for k in ("image_token_id", "video_token_id",
+                                                             "vision_start_token_id", "vision_end_token_id")})
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp)
+    del model
+    return load_model(str(tmp), dtype=torch.float32)
+
+
+def image_of_tokens(adapter, merged_h: int, merged_w: int):
+    from PIL import Image
+
+    ps = adapter.processor.image_processor.patch_size * adapter.processor.image_processor.merge_size
+    return Image.new("RGB", (merged_w * ps, merged_h * ps), (120, 60, 200))
+
+
+@torch.no_grad()
+def measure(adapter, batch, ratios, scorer: str, repeats: int):
+    model = adapter.model
+    sched = {"keep_ratios": ratios, "scorer": {"name": scorer, "params": {}}}
+
+    def run():
+        t0 = time.perf_counter()
+        with apply_schedule(model, sched, adapter=adapter):
+            out = model(**batch, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0, out
+
+    run()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t, out = run()
+        times.append(t)
+    cache = out.past_key_values
+    kv = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+             for layer in cache.layers)
+    return statistics.median(times), kv
+
+
+def bench(name: str, adapter, image, prompt: str, repeats: int) -> list[dict]:
+    batch = adapter.prepare([[image]], [prompt])
+    vis = adapter.visual_mask(batch["input_ids"])
+    n_vis = int(vis.sum())
+    n_text = batch["input_ids"].shape[1] - n_vis
+    shape = DecoderShape.from_config(adapter.text_config)
+    dtype_bytes = next(adapter.model.parameters()).element_size()
+    rows = []
+    base_t = None
+    for keep, scorer in [(k, "uniform") for k in KEEPS] + [(0.2, "last_token_attention")]:
+        ratios = [keep] * adapter.num_layers
+        t, kv = measure(adapter, batch, ratios, scorer, repeats)
+        if keep == 1.0:
+            base_t = t
+        rep = budget_report(shape, [(n_text, n_vis)], ratios, dtype_bytes=dtype_bytes)
+        pred = kv_cache_bytes(shape, n_text, n_vis, ratios, dtype_bytes=dtype_bytes)
+        ideal = 1.0 / rep.flops_ratio
+        rows.append(dict(model=name, keep=keep, scorer=scorer, n_vis=n_vis, n_text=n_text, ms=t * 1e3,
+                         flops_ratio=rep.flops_ratio, ideal=ideal, speedup=base_t / t,
+                         eff=(base_t / t) / ideal, kv=kv, kv_pred=pred, kv_err=(kv - pred) / pred))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    layers = args.layers or (2 if args.quick else 4)
+    torch.manual_seed(0)
+
+    from schedsearch.testing.tiny import make_tiny
+
+    rows = []
+    tiny_dir = Path(tempfile.mkdtemp(prefix="benchtiny-"))
+    make_tiny("qwen2_5_vl", tiny_dir)
+    tiny = load_model(str(tiny_dir), dtype=torch.float32)
+    rows += bench("tiny qwen2.5-vl", tiny, image_of_tokens(tiny, 16, 16), "what is in the image?", max(repeats, 5))
+    big = real_width_adapter(layers)
+    rows += bench(f"qwen2.5-vl-7b shapes x{layers} layers", big, image_of_tokens(big, 28, 36),
+                  "describe every object in this picture and where it is, in detail please", repeats)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, CPU")
+    hdr = ("model", "keep", "scorer", "vis/text", "prefill ms", "FLOPs ratio", "ideal x", "measured x",
+           "meas/ideal", "KV MiB", "KV pred MiB", "KV err")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        print(f"| {r['model']} | {r['keep']:.1f} | {r['scorer']} | {r['n_vis']}/{r['n_text']} | {r['ms']:.1f} | "
+              f"{r['flops_ratio']:.3f} | {r['ideal']:.2f} | {r['speedup']:.2f} | {r['eff']:.2f} | "
+              f"{r['kv'] / 2**20:.2f} | {r['kv_pred'] / 2**20:.2f} | {100 * r['kv_err']:+.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
