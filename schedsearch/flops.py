@@ -24,23 +24,24 @@ contract's rounding rule — so FLOPs, KV bytes and the tokens the runtime drops
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from schedsearch.errors import ScheduleError
 from schedsearch.schedule import kept_counts
 
 __all__ = [
-    "DecoderShape",
-    "BudgetReport",
     "BUDGET_KINDS",
+    "BudgetReport",
+    "DecoderShape",
+    "budget_report",
+    "feasible_range",
+    "kv_cache_bytes",
     "layer_flops",
     "prefill_flops",
-    "kv_cache_bytes",
     "token_keep_fraction",
-    "budget_report",
     "validate_budget",
-    "feasible_range",
 ]
 
 BUDGET_KINDS = ("flops", "kv", "tokens")
@@ -71,7 +72,7 @@ class DecoderShape:
             raise ScheduleError(f"DecoderShape.mlp={self.mlp!r} must be 'gated' or 'plain'")
 
     @classmethod
-    def from_config(cls, config: Any, mlp: str | None = None) -> "DecoderShape":
+    def from_config(cls, config: Any, mlp: str | None = None) -> DecoderShape:
         """Read the shape from a transformers config (duck-typed).
 
         Accepts a text config (LlamaConfig, MistralConfig, Qwen2Config, Qwen2_5_VLTextConfig)
@@ -269,7 +270,7 @@ def validate_budget(value: Any, kind: str | None = None) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ScheduleError(f"{label}={value!r} is not a number; give a ratio in (0, 1], e.g. 0.5") from None
-    if number != number or number <= 0 or number > 1:
+    if not 0 < number <= 1:  # also rejects NaN
         raise ScheduleError(
             f"{label}={value!r} is out of range; give a fraction of the unpruned cost in (0, 1], e.g. 0.5"
         )
