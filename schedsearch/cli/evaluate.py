@@ -24,8 +24,8 @@ def evaluate(
     schedule: Path = typer.Argument(..., help="Schedule JSON file."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model alias, directory or hub id (default: the schedule's model)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c",
-                                               help="Calibration manifest (JSONL) or a directory holding manifest.jsonl."),
+    calibration: Path = typer.Option(..., "--calibration", "-c",
+                                     help="Calibration manifest (JSONL) or a directory holding manifest.jsonl."),
     batch_size: int = typer.Option(8, help="Samples per forward (grouped by visual-token count)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
     repeats: int = typer.Option(3, help="Timing repeats (median is reported)."),
@@ -33,7 +33,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """FLOPs ratio, KV ratio, layer-averaged keep, last-token discrepancy and measured prefill time."""
-    from schedsearch.calibration import default_calibration, load_manifest
+    from schedsearch.calibration import load_manifest
     from schedsearch.evaluation import evaluate_schedule
     from schedsearch.models import load_model
     from schedsearch.schedule import check_compatible, load_schedule
@@ -41,7 +41,7 @@ def evaluate(
     sched = load_schedule(schedule)
     adapter = load_model(model or sched.model.name)
     check_compatible(sched, num_layers=adapter.num_layers, fingerprint=adapter.fingerprint(), family=adapter.family)
-    samples = load_manifest(calibration) if calibration is not None else default_calibration(adapter)
+    samples = load_manifest(calibration)
     if limit is not None:
         samples = samples[:limit]
     report = evaluate_schedule(adapter, sched, samples, batch_size=batch_size, repeats=repeats,

@@ -123,6 +123,29 @@ class VLMAdapter:
         """
         raise NotImplementedError
 
+    def precompute_vision(self, batch: Any) -> dict:
+        """A copy of ``batch`` whose image features are computed now and passed as ``mm_encoder_outputs``.
+
+        This is the public path ``generate()`` uses (``base_model.get_image_features`` with the batch
+        keys its signature names). Pixel tensors are dropped; grid/size keys stay because position ids
+        are derived from them. Forward passes on the result skip the vision encoder.
+        """
+        import inspect
+
+        import torch
+
+        base = self.model.base_model
+        fn = getattr(base, "get_image_features", None)
+        if fn is None or "pixel_values" not in batch or \
+                "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+            return dict(batch)
+        names = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
+        with torch.no_grad():
+            enc = fn(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": enc}
+        return out
+
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""
         import torch

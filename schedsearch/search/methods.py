@@ -1,0 +1,77 @@
+"""Searchable schedule families: an Optuna trial's parameters -> budget-matched keep ratios.
+
+Each method declares its search space through ``suggest(trial, ctx)`` and returns a
+:class:`Candidate`; the budget is met inside the method (one parameter solved by bisection), so
+every trial is feasible. ``optuna.trial.FixedTrial(best.params)`` replays the winner through the
+very same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from schedsearch.search.budget import BudgetFn
+from schedsearch.search.fixed import BASELINES
+from schedsearch.search.psigmoid import pcosine, psigmoid
+
+
+@dataclass
+class SearchContext:
+    num_layers: int
+    budget_fn: BudgetFn
+    target: float
+    kind: str
+    scorer: dict = field(default_factory=lambda: {"name": "last_token_attention", "params": {"rope": False}})
+
+
+@dataclass
+class Candidate:
+    ratios: list[float]
+    params: dict[str, Any]  # solved / derived values (the sampled ones are in trial.params)
+    scorer: dict
+    recycling: dict | None = None
+
+    def as_schedule_dict(self) -> dict:
+        return {"keep_ratios": self.ratios, "scorer": self.scorer, "recycling": self.recycling}
+
+
+class Method(Protocol):
+    name: str
+
+    def suggest(self, trial: Any, ctx: SearchContext) -> Candidate: ...
+
+
+class PSigmoid:
+    """Sigmoid over depth (Zhao et al., arXiv 2412.00556): steepness k, floor fraction phi; midpoint solved."""
+
+    name = "psigmoid"
+
+    def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
+        k = trial.suggest_float("k", 2.0, 60.0, log=True)
+        phi = trial.suggest_float("phi", 0.0, 0.95)
+        ratios, solved = psigmoid(ctx.num_layers, ctx.budget_fn, ctx.target, k, phi)
+        return Candidate(ratios, solved, ctx.scorer)
+
+
+class PCosine:
+    """Shifted cosine over depth (p-MoD, arXiv 2412.04449): width w, floor fraction phi; start solved."""
+
+    name = "pcosine"
+
+    def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
+        w = trial.suggest_float("w", 0.05, 1.0)
+        phi = trial.suggest_float("phi", 0.0, 0.95)
+        ratios, solved = pcosine(ctx.num_layers, ctx.budget_fn, ctx.target, w, phi)
+        return Candidate(ratios, solved, ctx.scorer)
+
+
+METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCosine}
+
+
+def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:
+    """A budget-matched fixed baseline (fastv, pdrop, uniform) as a Candidate."""
+    ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target)
+    scorer = {"name": "last_token_attention", "params": {"rope": True}} if name in ("fastv", "pdrop") else \
+        {"name": "uniform", "params": {}}
+    return Candidate(ratios, params, scorer)

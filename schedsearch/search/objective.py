@@ -1,0 +1,143 @@
+"""The search objective: how far a schedule moves the model's last-token state.
+
+    obj = Objective(adapter, samples, heldout_fraction=0.25, seed=0, cache_dir=".schedsearch/cache")
+    obj.score(schedule)                 # mean over the search split of 1 - cos(h, h_pruned)
+    obj.score(schedule, split="heldout")
+    obj.budget_fn("flops")              # ratios -> achieved budget on the search split
+
+``h`` is the last token's hidden state after the decoder's final norm (VFlowOpt, arXiv 2508.05211,
+Sec. 3.4, maximises the summed cosine similarity; we minimise the mean of its complement). Option
+``metric="kl"``: KL(p || p_pruned) of the next-token distribution.
+
+Cost control, so one trial costs about one pruned forward over the search split:
+* the unpruned reference is computed ONCE per (model, calibration set, split) and cached on disk
+  under a content hash (VFlowOpt's released loop recomputes it at every call);
+* vision-encoder outputs are computed once per batch and passed as ``mm_encoder_outputs`` (the
+  public path ``generate()`` uses), since no schedule changes them;
+* batches are built once; everything runs under ``torch.no_grad()`` and in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from schedsearch.evaluation import make_batches, token_counts
+from schedsearch.flops import DecoderShape, budget_report
+from schedsearch.runtime import apply_schedule
+
+SPLITS = ("search", "heldout")
+
+
+def split_samples(samples: Sequence[Any], heldout_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic shuffle-split; the held-out part is never seen by the search."""
+    idx = list(range(len(samples)))
+    random.Random(seed).shuffle(idx)
+    n_held = int(round(len(samples) * heldout_fraction))
+    if heldout_fraction > 0 and len(samples) >= 2:
+        n_held = min(max(1, n_held), len(samples) - 1)
+    held = sorted(idx[:n_held])
+    search = sorted(idx[n_held:])
+    return [samples[i] for i in search], [samples[i] for i in held]
+
+
+class Objective:
+    def __init__(self, adapter: Any, samples: Sequence[Any], *, heldout_fraction: float = 0.25, seed: int = 0,
+                 batch_size: int = 16, metric: str = "cosine", cache_dir: str | Path | None = None,
+                 calibration_hash: str | None = None):
+        if metric not in ("cosine", "kl"):
+            raise ValueError(f"metric={metric!r}: use 'cosine' or 'kl'")
+        self.adapter = adapter
+        self.metric = metric
+        self.adapter.model.eval()
+        parts = split_samples(samples, heldout_fraction, seed)
+        self.samples = dict(zip(SPLITS, parts))
+        self.shape = DecoderShape.from_config(adapter.text_config)
+        self.batches: dict[str, list[dict]] = {}
+        self.counts: dict[str, list[tuple[int, int]]] = {}
+        self._cache_dir = Path(cache_dir) if cache_dir else None
+        self._calibration_hash = calibration_hash
+        self._seed = seed
+        self._heldout_fraction = heldout_fraction
+        with torch.no_grad():
+            for name, part in self.samples.items():
+                raw = make_batches(adapter, part, batch_size) if part else []
+                self.counts[name] = token_counts(adapter, raw)
+                self.batches[name] = [adapter.precompute_vision(b) for b in raw]
+        self.reference = {name: self._reference(name) for name in SPLITS}
+
+    # ------------------------------------------------------------------ cache
+    def _key(self, split: str) -> str:
+        h = hashlib.sha256()
+        for part in (self.adapter.fingerprint(), str(self.adapter.name_or_path), self.metric, split,
+                     str(self._seed), str(self._heldout_fraction), self._calibration_hash or "",
+                     repr(self.counts[split])):
+            h.update(part.encode())
+            h.update(b"\0")
+        # the weights themselves: a cheap digest of a few tensors, so retrained weights miss the cache
+        for i, p in enumerate(self.adapter.model.parameters()):
+            if i % 7 == 0:
+                h.update(p.detach().float().flatten()[:64].numpy().tobytes())
+        return h.hexdigest()[:24]
+
+    def _reference(self, split: str) -> torch.Tensor:
+        if not self.batches[split]:
+            return torch.empty(0)
+        path = None
+        if self._cache_dir is not None and self._calibration_hash:
+            path = self._cache_dir / f"ref-{self._key(split)}.pt"
+            if path.exists():
+                try:
+                    return torch.load(path, weights_only=True)
+                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                    pass
+        ref = self._outputs(split, None)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(ref, tmp)
+            tmp.replace(path)
+        return ref
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def _outputs(self, split: str, schedule: Any, importance: Any = None) -> torch.Tensor:
+        outs = []
+        for b in self.batches[split]:
+            if schedule is None:
+                outs.append(self._one(b))
+            else:
+                with apply_schedule(self.adapter.model, schedule, adapter=self.adapter, importance=importance):
+                    outs.append(self._one(b))
+        return torch.cat(outs)
+
+    def _one(self, batch: dict) -> torch.Tensor:
+        if self.metric == "cosine":
+            return self.adapter.last_hidden_state(batch).float()
+        logits = self.adapter.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def per_sample(self, schedule: Any, split: str = "search", importance: Any = None) -> torch.Tensor:
+        got = self._outputs(split, schedule, importance)
+        ref = self.reference[split]
+        if self.metric == "cosine":
+            return 1.0 - torch.nn.functional.cosine_similarity(ref, got, dim=-1)
+        return (ref.exp() * (ref - got)).sum(-1)  # KL(p_ref || p_pruned)
+
+    def score(self, schedule: Any, split: str = "search", importance: Any = None) -> float:
+        if not self.batches[split]:
+            raise ValueError(f"the {split} split is empty: use more calibration samples")
+        return float(self.per_sample(schedule, split, importance).mean())
+
+    # ------------------------------------------------------------------ budget
+    def budget_fn(self, kind: str = "flops", split: str = "search"):
+        counts = self.counts[split]
+
+        def fn(ratios: Sequence[float]) -> float:
+            return budget_report(self.shape, counts, list(ratios)).value(kind)
+
+        return fn

@@ -1,0 +1,183 @@
+"""Run a schedule search as an Optuna study and freeze the winner.
+
+Lifecycle::
+
+    obj = Objective(adapter, samples, ...)                      # reference + vision features cached once
+    result = run_study(StudySettings(...), adapter, obj, callbacks=[tracker_cb])
+    result.schedule.save(path)                                 # replayed winner, atomically written
+
+Each trial: ``method.suggest(trial, ctx)`` -> budget-matched ratios -> ``obj.score`` on the
+search split. The achieved budget minus the request is stored as the trial's constraint
+(feasible when <= 0, Optuna's convention) and in user attrs with the FLOPs / KV / token ratios
+and the trial's wall time. Logging is done by callbacks (tracking.py), never in the objective.
+The winner is replayed with ``optuna.trial.FixedTrial`` through the same ``suggest`` path and
+re-scored on the search and held-out splits before it is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from schedsearch.errors import SchedsearchError
+from schedsearch.search.budget import InfeasibleBudget
+from schedsearch.search.methods import METHODS, Candidate, SearchContext, baseline_candidate
+from schedsearch.search.objective import Objective
+
+SAMPLERS = ("tpe", "gp", "cmaes", "botorch", "random", "qmc")
+
+
+class SearchError(SchedsearchError):
+    """Bad search settings (unknown method/sampler, infeasible budget, existing study...)."""
+
+
+@dataclass
+class StudySettings:
+    budget: float = 0.2
+    kind: str = "flops"
+    method: str = "psigmoid"
+    sampler: str = "tpe"
+    trials: int = 40
+    timeout: float | None = None
+    seed: int = 0
+    storage: str | None = None  # Optuna RDB URL; None = in-memory
+    study_name: str | None = None
+    resume: bool = False
+    scorer: dict = field(default_factory=lambda: {"name": "last_token_attention", "params": {"rope": False}})
+
+    def validate(self) -> None:
+        if not (0.0 < float(self.budget) <= 1.0):
+            raise SearchError(f"--budget {self.budget} is outside (0, 1]: it is the kept fraction, e.g. 0.2")
+        if self.kind not in ("flops", "tokens", "kv"):
+            raise SearchError(f"--budget-kind {self.kind!r} is not known: use flops, tokens or kv")
+        if self.method not in METHODS:
+            raise SearchError(f"--method {self.method!r} is not known: use one of {', '.join(sorted(METHODS))}")
+        if self.sampler not in SAMPLERS:
+            raise SearchError(f"--sampler {self.sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
+        if self.trials < 1:
+            raise SearchError(f"--trials {self.trials} must be >= 1")
+
+
+@dataclass
+class StudyResult:
+    study: Any
+    best: Candidate
+    best_params: dict
+    search_value: float
+    heldout_value: float | None
+    budget: dict
+    baselines: dict[str, dict] = field(default_factory=dict)
+
+
+def make_sampler(name: str, seed: int, n_startup: int = 8) -> Any:
+    import optuna
+
+    def constraints(trial: Any) -> Sequence[float]:
+        return trial.user_attrs.get("constraint", (0.0,))
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    if name == "botorch":
+        try:
+            from optuna_integration import BoTorchSampler
+        except ImportError as err:  # pragma: no cover - depends on extras
+            raise SearchError('--sampler botorch needs optuna-integration and botorch: pip install "schedsearch[search]"') \
+                from err
+        return BoTorchSampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+    raise SearchError(f"--sampler {name!r} is not known: use one of {', '.join(SAMPLERS)}")
+
+
+def _context(obj: Objective, settings: StudySettings) -> SearchContext:
+    return SearchContext(num_layers=obj.adapter.num_layers, budget_fn=obj.budget_fn(settings.kind),
+                         target=float(settings.budget), kind=settings.kind, scorer=dict(settings.scorer))
+
+
+def feasible_range(obj: Objective, kind: str) -> tuple[float, float]:
+    """Smallest achievable budget (every visual token dropped before layer 0) and 1.0."""
+    fn = obj.budget_fn(kind)
+    return fn([0.0] * obj.adapter.num_layers), 1.0
+
+
+def budget_dict(obj: Objective, ratios: Sequence[float], settings: StudySettings, split: str = "search") -> dict:
+    from schedsearch.flops import budget_report
+
+    rep = budget_report(obj.shape, obj.counts[split], list(ratios))
+    return {"kind": settings.kind, "requested": float(settings.budget), "achieved": rep.value(settings.kind),
+            "flops_ratio": rep.flops_ratio, "kv_ratio": rep.kv_ratio, "token_ratio": rep.token_ratio}
+
+
+def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Callable] = (),
+              baselines: Sequence[str] = ("fastv", "pdrop", "uniform")) -> StudyResult:
+    import optuna
+
+    settings.validate()
+    lo, _ = feasible_range(obj, settings.kind)
+    if settings.budget < lo - 1e-12:
+        raise SearchError(
+            f"--budget {settings.budget} is infeasible for this model and calibration set: the {settings.kind} "
+            f"ratio can go from {lo:.4f} (every visual token dropped) to 1.0"
+        )
+    ctx = _context(obj, settings)
+    method = METHODS[settings.method]()
+
+    def objective(trial: Any) -> float:
+        t0 = time.perf_counter()
+        cand = method.suggest(trial, ctx)
+        b = budget_dict(obj, cand.ratios, settings)
+        trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
+        trial.set_user_attr("solved", cand.params)
+        for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
+            trial.set_user_attr(k, b[k])
+        trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
+        value = obj.score(cand.as_schedule_dict())
+        trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if settings.storage and not settings.resume and settings.study_name:
+        try:
+            existing = optuna.study.get_all_study_names(settings.storage)
+        except Exception as err:  # noqa: BLE001
+            raise SearchError(f"cannot open study storage {settings.storage!r}: {err}") from err
+        if settings.study_name in existing:
+            raise SearchError(f"study {settings.study_name!r} already exists in {settings.storage}: "
+                              "continue it with --resume or pick another --study name")
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(settings.sampler, settings.seed),
+                                storage=settings.storage, study_name=settings.study_name,
+                                load_if_exists=settings.resume)
+    done = len([t for t in study.trials if t.state.is_finished()])
+    remaining = max(0, settings.trials - done)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, callbacks=list(callbacks),
+                       catch=(InfeasibleBudget,))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise SearchError("no trial finished: nothing to write (raise --trials or --timeout)")
+    best = study.best_trial
+    best_cand = method.suggest(optuna.trial.FixedTrial(best.params), ctx)  # replay through the same path
+    search_value = obj.score(best_cand.as_schedule_dict())
+    heldout = obj.score(best_cand.as_schedule_dict(), split="heldout") if obj.batches["heldout"] else None
+    result = StudyResult(study=study, best=best_cand, best_params=dict(best.params), search_value=search_value,
+                         heldout_value=heldout, budget=budget_dict(obj, best_cand.ratios, settings))
+    for name in baselines:
+        try:
+            cand = baseline_candidate(name, ctx)
+        except InfeasibleBudget:
+            continue
+        sched = cand.as_schedule_dict()
+        result.baselines[name] = {
+            "ratios": cand.ratios, "params": cand.params, "scorer": cand.scorer,
+            "search": obj.score(sched),
+            "heldout": obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
+            "budget": budget_dict(obj, cand.ratios, settings),
+        }
+    return result
