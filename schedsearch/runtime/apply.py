@@ -148,6 +148,7 @@ class ScheduleHandle:
         self._pending = self.adapter.visual_mask(input_ids)
         vision_call = self._batch.get("_vision_call")
         self._batch = {k: v for k, v in kwargs.items() if v is not None}
+        self._batch["input_ids"] = input_ids  # LLaVA-NeXT passes it positionally
         if vision_call is not None:
             self._batch["_vision_call"] = vision_call
         return None
