@@ -1,0 +1,82 @@
+"""``schedsearch optimize``: search a schedule under a budget, log to MLflow, write the frozen JSON."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from schedsearch.cli import app
+
+DEFAULTS: dict[str, Any] = {
+    "model": "toy", "calibration": None, "budget": None, "budget_kind": "flops", "method": "psigmoid",
+    "sampler": "tpe", "trials": 40, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
+    "tracking_uri": None, "heldout_fraction": 0.25, "batch_size": 16, "scorer": "last_token_attention",
+    "rope": False, "tolerance": None, "step": 0.05, "experiment": "schedsearch",
+}
+
+
+def _merge(config: Optional[Path], flags: dict[str, Any]) -> dict[str, Any]:
+    from schedsearch.config import load_config
+
+    merged = dict(DEFAULTS)
+    if config is not None:
+        merged.update(load_config(config))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    return merged
+
+
+class _Progress:
+    """Optuna callback: one status line per trial with the best value so far (stderr, no extra deps)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.t0 = time.perf_counter()
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        done = len([t for t in study.trials if t.state.is_finished()])
+        try:
+            best = f"{study.best_value:.5f}"
+        except ValueError:
+            best = "-"
+        val = "-" if trial.value is None else f"{trial.value:.5f}"
+        width = 24
+        fill = int(width * min(done, self.total) / max(1, self.total))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] trial {done}/{self.total} value {val} "
+                         f"best {best} ({time.perf_counter() - self.t0:.0f}s)")
+        sys.stderr.flush()
+        if done >= self.total:
+            sys.stderr.write("\n")
+
+
+@app.command()
+def optimize(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Alias, directory or hub id (default: toy)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Manifest or directory."),
+    budget: Optional[float] = typer.Option(None, "--budget", "-b", help="Kept fraction, e.g. 0.2 (required)."),
+    budget_kind: Optional[str] = typer.Option(None, "--budget-kind", help="flops (default), tokens or kv."),
+    method: Optional[str] = typer.Option(None, "--method", help="psigmoid (default), pcosine or gsearch."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe, gp, cmaes, botorch, random, qmc."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Number of trials (default 40)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop after this many seconds."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Study preset (TOML); flags win."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Schedule JSON to write."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default derived from the settings)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an existing study with the same name."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance",
+                                              help="gsearch: cheapest schedule within this discrepancy."),
+) -> None:
+    """Find the schedule that best preserves the model's output under a FLOPs/tokens/KV budget."""
+    s = _merge(config, dict(model=model, calibration=str(calibration) if calibration else None, budget=budget,
+                            budget_kind=budget_kind, method=method, sampler=sampler, trials=trials,
+                            timeout=timeout, out=str(out) if out else None, seed=seed, storage=storage,
+                            study=study, tracking_uri=tracking_uri, tolerance=tolerance))
+    from schedsearch.search.driver import run_optimize
+
+    run_optimize(s, resume=resume, progress=_Progress(int(s["trials"])), echo=typer.echo)

@@ -1,0 +1,217 @@
+"""End-to-end ``optimize``: settings -> model -> calibration -> objective -> study -> frozen schedule.
+
+The CLI passes merged settings (defaults < TOML preset < flags). Failure modes the user can cause
+are SchedsearchErrors with one line; finished trials live in the Optuna storage (sqlite file by
+default) so Ctrl-C loses nothing and ``--resume`` continues. The MLflow parent run is closed as
+KILLED on Ctrl-C, FAILED on error. The schedule file is written atomically after the winner was
+replayed through the same code path.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from schedsearch.errors import SchedsearchError
+from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
+
+
+def _default_calibration(model: str) -> Path:
+    if model != "toy":
+        raise SearchError("--calibration is required for models other than toy: pass a manifest "
+                          "(see calibration_data/README.md), e.g. --calibration calibration_data/photos")
+    for p in (Path("calibration_data/toy"), Path(__file__).resolve().parents[2] / "calibration_data" / "toy"):
+        if (p / "manifest.jsonl").is_file():
+            return p
+    from schedsearch.toy import default_calibration_dir
+
+    return default_calibration_dir()
+
+
+def _study_name(s: dict) -> str:
+    model = Path(str(s["model"])).name or str(s["model"])
+    return f"{model}-{s['method']}-{s['budget_kind']}{s['budget']}-{s['sampler']}-seed{s['seed']}"
+
+
+def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_params: dict, budget: dict,
+                   provenance: dict) -> Any:
+    from schedsearch.schedule import Schedule, make_provenance
+
+    return Schedule.from_dict({
+        "schema_version": "1.0",
+        "keep_ratios": [float(r) for r in cand.ratios],
+        "scorer": cand.scorer,
+        "recycling": cand.recycling,
+        "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": adapter.num_layers,
+                  "fingerprint": adapter.fingerprint()},
+        "budget": budget,
+        "objective": objective,
+        "method": {"name": s["method"], "params": method_params},
+        "provenance": make_provenance(**provenance),
+    })
+
+
+def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = None,
+                 echo: Callable[[str], None] = print) -> Any:
+    from schedsearch.calibration import load_manifest
+    from schedsearch.models import load_model
+    from schedsearch.search.objective import Objective
+
+    if s.get("budget") is None:
+        raise SearchError("--budget is required, e.g. --budget 0.2 (kept fraction of decoder prefill FLOPs)")
+    settings = StudySettings(
+        budget=float(s["budget"]), kind=s["budget_kind"], method=s["method"] if s["method"] != "gsearch" else "psigmoid",
+        sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
+        storage=s["storage"], study_name=s["study"], resume=resume,
+        scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}},
+    )
+    settings.validate()  # fail fast, before loading anything heavy
+    if s["method"] not in ("psigmoid", "pcosine", "gsearch"):
+        raise SearchError(f"--method {s['method']!r} is not known: use psigmoid, pcosine or gsearch")
+    settings.method = s["method"]
+    if settings.storage is None:
+        Path(".schedsearch").mkdir(exist_ok=True)
+        settings.storage = "sqlite:///.schedsearch/studies.db"
+    settings.study_name = settings.study_name or _study_name(s)
+
+    calib = Path(s["calibration"]) if s.get("calibration") else _default_calibration(str(s["model"]))
+    samples = load_manifest(calib)
+    from schedsearch.calibration import calibration_hash
+
+    calib_hash = calibration_hash(samples)
+    adapter = load_model(str(s["model"]))
+    t0 = time.perf_counter()
+    obj = Objective(adapter, samples, heldout_fraction=float(s["heldout_fraction"]), seed=settings.seed,
+                    batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash)
+    setup_s = time.perf_counter() - t0
+
+    from schedsearch.tracking import Tracker, optuna_callback
+
+    tracker = Tracker(s.get("tracking_uri"), experiment=s.get("experiment", "schedsearch"))
+    params = {k: v for k, v in s.items() if v is not None}
+    params.update(study=settings.study_name, storage=settings.storage, calibration_hash=calib_hash,
+                  n_search=len(obj.samples["search"]), n_heldout=len(obj.samples["heldout"]))
+    run_id = None
+    if resume:
+        import optuna
+
+        try:
+            st = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+            run_id = st.user_attrs.get("mlflow_run_id")
+        except KeyError:
+            pass
+    run_id = tracker.start_study(settings.study_name, params, run_id=run_id)
+    callbacks = [optuna_callback(tracker)] + ([progress] if progress else [])
+    with tracker:
+        if s["method"] == "gsearch":
+            result = _run_gsearch(settings, obj, s, callbacks)
+        else:
+            result = run_study(settings, obj, callbacks=callbacks)
+        result.study.set_user_attr("mlflow_run_id", run_id)
+        trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
+                         if t.user_attrs.get("trial_seconds") is not None]
+        objective = {"name": "1-cos(last token, final norm)", "value": result.search_value, "split": "search",
+                     "heldout": result.heldout_value, "n_search": len(obj.samples["search"]),
+                     "n_heldout": len(obj.samples["heldout"])}
+        method_params = {**result.best_params, **result.best.params}
+        sched = build_schedule(adapter, result.best, s, objective=objective, method_params=method_params,
+                               budget=result.budget,
+                               provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
+                                               trial=result.study.best_trial.number, mlflow_run_id=run_id,
+                                               command="schedsearch optimize"))
+        out = Path(s["out"]) if s.get("out") else Path("schedules") / f"{settings.study_name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sched.save(out)
+        _log_summary(tracker, result, sched, out, adapter, obj)
+    _print_table(echo, result, out, setup_s, trial_seconds)
+    return result
+
+
+def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list) -> Any:
+    """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged."""
+    import optuna
+
+    from schedsearch.search.gsearch import GreedySearch
+    from schedsearch.search.methods import Candidate
+    from schedsearch.search.optimize import StudyResult, baseline_candidate, _context
+
+    ctx = _context(obj, settings)
+    study = optuna.create_study(direction="minimize", storage=settings.storage, study_name=settings.study_name,
+                                load_if_exists=settings.resume)
+    bfn = obj.budget_fn(settings.kind)
+
+    def evaluate(ratios: list[float]) -> float:
+        t0 = time.perf_counter()
+        trial = study.ask()
+        b = budget_dict(obj, ratios, settings)
+        trial.set_user_attr("keep_ratios", ratios)
+        for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
+            trial.set_user_attr(k, b[k])
+        trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
+        value = obj.score({"keep_ratios": ratios, "scorer": ctx.scorer})
+        trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
+        frozen = study.tell(trial, value)
+        for cb in callbacks:
+            cb(study, frozen)
+        return value
+
+    g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
+    if s.get("tolerance") is not None:
+        ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])
+    else:
+        ratios, tol = g.at_budget(bfn, settings.budget)
+    cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1], "evaluations": len(g.memo)},
+                     ctx.scorer)
+    sched = cand.as_schedule_dict()
+    result = StudyResult(study=study, best=cand, best_params={}, search_value=obj.score(sched),
+                         heldout_value=obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
+                         budget=budget_dict(obj, ratios, settings))
+    for name in ("fastv", "pdrop", "uniform"):
+        try:
+            c = baseline_candidate(name, ctx)
+        except SchedsearchError:
+            continue
+        except ValueError:
+            continue
+        sd = c.as_schedule_dict()
+        result.baselines[name] = {"ratios": c.ratios, "params": c.params, "scorer": c.scorer,
+                                  "search": obj.score(sd),
+                                  "heldout": obj.score(sd, split="heldout") if obj.batches["heldout"] else None,
+                                  "budget": budget_dict(obj, c.ratios, settings)}
+    return result
+
+
+def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any, obj: Any) -> None:
+    from schedsearch import plots
+
+    tracker.log_artifact_file(out)
+    shapes = {"searched": result.best.ratios, **{k: v["ratios"] for k, v in result.baselines.items()}}
+    tracker.log_figure(plots.keep_ratio_plot(shapes), "keep_ratio_per_layer.png")
+    values = [t.value for t in result.study.trials if t.value is not None]
+    if values:
+        tracker.log_figure(plots.history_plot(values), "optimization_history.png")
+    metrics = {"best_search": result.search_value, **{f"budget_{k}": v for k, v in result.budget.items()
+                                                      if isinstance(v, float)}}
+    if result.heldout_value is not None:
+        metrics["best_heldout"] = result.heldout_value
+    for name, b in result.baselines.items():
+        if b["heldout"] is not None:
+            metrics[f"{name}_heldout"] = b["heldout"]
+    tracker.set_summary(metrics, {"schedule_path": str(out)})
+
+
+def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: float, trial_s: list) -> None:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.5f}"
+
+    echo(f"wrote {out}")
+    echo(f"{'schedule':<12} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7} {'KV':>7} {'tokens':>7}")
+    rows = [("searched", result.search_value, result.heldout_value, result.budget)]
+    rows += [(k, v["search"], v["heldout"], v["budget"]) for k, v in result.baselines.items()]
+    for name, sv, hv, b in rows:
+        echo(f"{name:<12} {f(sv):>13} {f(hv):>15} {b['flops_ratio']:>7.3f} {b['kv_ratio']:>7.3f} "
+             f"{b['token_ratio']:>7.3f}")
+    if trial_s:
+        med = sorted(trial_s)[len(trial_s) // 2]
+        echo(f"trials: {len(trial_s)}, median trial {med:.2f}s, setup (reference + vision cache) {setup_s:.1f}s")
