@@ -27,7 +27,8 @@ FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
 WORDS = ("what colour is it the a an of in on top left right bottom red green blue square circle there "
-         "image picture describe yes no how many shapes are and to this user assistant system you helpful").split()
+         "image picture describe yes no how many shapes are and to this user assistant system you helpful").split() + \
+    list("?.,:!")
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -153,7 +154,7 @@ def _make_llava(family: str, out: Path) -> None:
     else:
         from transformers import LlavaNextConfig as Cfg, LlavaNextForConditionalGeneration as Model
         from transformers import LlavaNextImageProcessorPil as ImProc, LlavaNextProcessor as Proc
-        pinpoints = [[64, 64], [64, 128], [128, 64], [128, 128]]
+        pinpoints = [[64, 64], [64, 128], [128, 64]]  # (height, width)
         cfg = Cfg(image_grid_pinpoints=pinpoints, image_seq_length=64, **common)
         improc_kw["image_grid_pinpoints"] = pinpoints
     model = Model(cfg).eval()

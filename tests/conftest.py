@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-init checkpoints of the four supported VLM families.
+
+- ``tiny_dir(family)``: a factory fixture (session scope) returning the directory of a tiny checkpoint of
+  ``family`` ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next"), built once per session with
+  :func:`schedsearch.testing.tiny.make_tiny` (real transformers classes, saved with save_pretrained).
+- ``tiny_adapter``: parametrised over the four families; the adapter from ``load_model(tiny_dir(family))``,
+  i.e. the same loading path as a real checkpoint. Session-scoped and shared: do not modify its weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schedsearch.testing.tiny import FAMILIES, make_tiny
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = make_tiny(family, tmp_path_factory.mktemp(f"tiny_{family}"))
+        return built[family]
+
+    return get
+
+
+_ADAPTERS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def tiny_adapter(request, tiny_dir):
+    from schedsearch.models import load_model
+
+    fam = request.param
+    if fam not in _ADAPTERS:
+        _ADAPTERS[fam] = load_model(tiny_dir(fam))
+    return _ADAPTERS[fam]
