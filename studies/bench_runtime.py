@@ -66,7 +66,9 @@ def real_width_adapter(n_layers: int):
 def image_of_tokens(adapter, merged_h: int, merged_w: int):
     from PIL import Image
 
-    ps = adapter.processor.image_processor.patch_size * adapter.processor.image_processor.merge_size
+    ip = adapter.processor.image_processor
+    ip.size = {"shortest_edge": 56 * 56, "longest_edge": 14 * 14 * 4 * 1280}  # the 7B default: up to 1280 tokens
+    ps = ip.patch_size * ip.merge_size
     return Image.new("RGB", (merged_w * ps, merged_h * ps), (120, 60, 200))
 
 
