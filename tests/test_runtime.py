@@ -223,3 +223,17 @@ def test_unequal_visual_counts_rejected(tiny_adapter):
         h._pending = vis
         with pytest.raises(RuntimeScheduleError, match="different visual-token counts"):
             h._text_pre(None, (), {"inputs_embeds": torch.zeros(*ids.shape, 4)})
+
+
+@torch.no_grad()
+def test_apply_without_adapter(tiny_adapter):
+    """apply_schedule(model, schedule) finds the family adapter from the model config."""
+
+    ad = tiny_adapter
+    batch = _batch(ad, ["what is it?"])
+    sched = _sched(ad.num_layers)
+    with apply_schedule(ad.model, sched, adapter=ad):
+        want = ad.model(**batch).logits
+    with apply_schedule(ad.model, sched):
+        got = ad.model(**batch).logits
+    assert torch.equal(want, got)

@@ -60,6 +60,13 @@ def adapter_class(model_type: str) -> type[VLMAdapter]:
     return getattr(importlib.import_module(module), name)
 
 
+def adapter_for_model(model: Any, processor: Any = None) -> VLMAdapter:
+    """Wrap an already loaded transformers model in its family adapter (no processor needed to apply a schedule)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = adapter_class(str(model_type))
+    return cls(model, processor, getattr(model.config, "_name_or_path", "") or model_type)
+
+
 def resolve_model_dir(name_or_path: str) -> Path:
     """Alias / hub id / path -> an existing local directory, without network access.
 
