@@ -56,11 +56,19 @@ def test_all_ones_identical_and_restored(tiny_adapter):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.fixture(params=["sdpa", "eager"])
+def attn_adapter(request, tiny_adapter):
+    tiny_adapter.model.set_attn_implementation(request.param)
+    yield tiny_adapter
+    tiny_adapter.model.set_attn_implementation("sdpa")
+
+
 @pytest.mark.parametrize("ratios_kind", ["mid", "layer0"])
 @torch.no_grad()
-def test_cached_generate_equals_recompute(tiny_adapter, ratios_kind):
-    """Greedy generate with the KV cache == recomputing the whole sequence without cache each step."""
-    ad = tiny_adapter
+def test_cached_generate_equals_recompute(attn_adapter, ratios_kind):
+    """Greedy generate with the KV cache == recomputing the whole sequence without cache each step
+    (SDPA and eager attention; eager gets additive float masks, SDPA boolean ones)."""
+    ad = attn_adapter
     n = ad.num_layers
     ratios = [1.0] + [0.5] * (n - 2) + [0.25] if ratios_kind == "mid" else [0.5] * (n - 1) + [0.25]
     for scorer in ("uniform", "random"):
@@ -87,8 +95,8 @@ def test_cached_generate_equals_recompute(tiny_adapter, ratios_kind):
 
 @pytest.mark.parametrize("scorer", ["last_token_attention", "text_attention", "random"])
 @torch.no_grad()
-def test_left_padded_batch_equals_alone(tiny_adapter, scorer):
-    ad = tiny_adapter
+def test_left_padded_batch_equals_alone(attn_adapter, scorer):
+    ad = attn_adapter
     sched = _sched(ad.num_layers, scorer=scorer)
     prompts = ["what is it?", "count the shapes in the top half of the image please"]
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=_suppress(ad))
