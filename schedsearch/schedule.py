@@ -635,7 +635,7 @@ class Schedule:
         budget = f"{b.kind} budget {b.requested:.4g}"
         if b.achieved is not None:
             budget += f" (achieved {b.achieved:.4g})"
-        params = ", ".join(f"{k}={_thaw(v)}" for k, v in sorted(self.scorer.params.items()))
+        params = ", ".join(f"{k}={json.dumps(_thaw(v), sort_keys=True)}" for k, v in sorted(self.scorer.params.items()))
         scorer = self.scorer.name + (f" ({params})" if params else "")
         if self.recycling is not None:
             scorer += f", recycling on a {self.recycling.grid}x{self.recycling.grid} grid"
