@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 

@@ -239,7 +239,7 @@ def budget_report(
     per_layer = [0.0] * shape.num_layers
     for n_text, n_visual in pairs:
         layer = prefill_flops(shape, n_text, n_visual, ratios)
-        per_layer = [a + b for a, b in zip(per_layer, layer)]
+        per_layer = [a + b for a, b in zip(per_layer, layer, strict=False)]
         flops += sum(layer)
         flops_full += sum(prefill_flops(shape, n_text, n_visual, full))
         kv += kv_cache_bytes(shape, n_text, n_visual, ratios, dtype_bytes)

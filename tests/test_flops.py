@@ -124,7 +124,7 @@ def _prune_hooks(model, n_text: int, counts: list[int]):
         return hook
 
     return [layer.register_forward_pre_hook(make(n_text + c), with_kwargs=True)
-            for layer, c in zip(model.layers, counts)]
+            for layer, c in zip(model.layers, counts, strict=False)]
 
 
 def test_pruned_prefill_matches_flop_counter(tiny):
@@ -141,7 +141,7 @@ def test_pruned_prefill_matches_flop_counter(tiny):
             h.remove()
     analytic = prefill_flops(shape, n_text, n_visual, ratios)
     assert analytic == [layer_flops(shape, n_text + c) for c in counts]
-    for a, m in zip(analytic, per_layer):
+    for a, m in zip(analytic, per_layer, strict=False):
         assert _close(a, m), (a, m)
     assert _close(sum(analytic), sum(per_layer))
 
@@ -183,7 +183,8 @@ def test_budget_report_all_ones_and_monotonic():
     lo_f, hi = feasible_range(QWEN7B, samples, "flops")
     assert hi == 1.0 and 0 < lo_f < prev.flops_ratio
     assert feasible_range(QWEN7B, samples, "tokens") == (0.0, 1.0)
-    assert feasible_range(QWEN7B, samples, "kv")[0] == pytest.approx((60 + 25 + 80) / (60 + 1000 + 25 + 400 + 80))  # text only
+    # text only
+    assert feasible_range(QWEN7B, samples, "kv")[0] == pytest.approx((60 + 25 + 80) / (60 + 1000 + 25 + 400 + 80))
     with pytest.raises(ScheduleError):
         full.value("latency")
     with pytest.raises(ScheduleError):

@@ -23,7 +23,9 @@ def _expected_image_tokens(ad, batch) -> int:
     with torch.no_grad():
         feats = ad.model.model.get_image_features(
             **{k: batch[k] for k in ("pixel_values", "image_sizes") if k in batch}).pooler_output
-    return sum(int(f.shape[0]) for f in feats) if isinstance(feats, (list, tuple)) else int(feats.shape[0] * feats.shape[1])
+    if isinstance(feats, (list, tuple)):
+        return sum(int(f.shape[0]) for f in feats)
+    return int(feats.shape[0] * feats.shape[1])
 
 
 @torch.no_grad()

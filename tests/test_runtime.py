@@ -135,7 +135,7 @@ def test_survivors_keep_original_positions(tiny_adapter):
         ad.model(**batch)
         assert handle.kept_indices, "no layer ran on a pruned sequence"
         for l, idx in handle.kept_indices.items():
-            for got, full in zip(seen[l], ref[l]):
+            for got, full in zip(seen[l], ref[l], strict=False):
                 full = full.expand(idx.shape[0], *full.shape[1:])
                 want = full.gather(1, idx[..., None].expand(-1, -1, full.shape[-1]))
                 assert torch.equal(got, want), l

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,12 +21,12 @@ def _fmt(v: object) -> str:
 @app.command()
 def evaluate(
     schedule: Path = typer.Argument(..., help="Schedule JSON file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
+    model: str | None = typer.Option(None, "--model", "-m",
                                         help="Model alias, directory or hub id (default: the schedule's model)."),
     calibration: Path = typer.Option(..., "--calibration", "-c",
                                      help="Calibration manifest (JSONL) or a directory holding manifest.jsonl."),
     batch_size: int = typer.Option(8, help="Samples per forward (grouped by visual-token count)."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
+    limit: int | None = typer.Option(None, help="Use only the first N samples."),
     repeats: int = typer.Option(3, help="Timing repeats (median is reported)."),
     no_timing: bool = typer.Option(False, "--no-timing", help="Skip the prefill timing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(config: Optional[Path], flags: dict[str, Any]) -> dict[str, Any]:
+def _merge(config: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
     from schedsearch.config import load_config
 
     merged = dict(DEFAULTS)
@@ -54,22 +54,22 @@ class _Progress:
 
 @app.command()
 def optimize(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Alias, directory or hub id (default: toy)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Manifest or directory."),
-    budget: Optional[float] = typer.Option(None, "--budget", "-b", help="Kept fraction, e.g. 0.2 (required)."),
-    budget_kind: Optional[str] = typer.Option(None, "--budget-kind", help="flops (default), tokens or kv."),
-    method: Optional[str] = typer.Option(None, "--method", help="psigmoid (default), pcosine or gsearch."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe, gp, cmaes, botorch, random, qmc."),
-    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Number of trials (default 40)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop after this many seconds."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Study preset (TOML); flags win."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Schedule JSON to write."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file)."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name (default derived from the settings)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Alias, directory or hub id (default: toy)."),
+    calibration: Path | None = typer.Option(None, "--calibration", "-c", help="Manifest or directory."),
+    budget: float | None = typer.Option(None, "--budget", "-b", help="Kept fraction, e.g. 0.2 (required)."),
+    budget_kind: str | None = typer.Option(None, "--budget-kind", help="flops (default), tokens or kv."),
+    method: str | None = typer.Option(None, "--method", help="psigmoid (default), pcosine or gsearch."),
+    sampler: str | None = typer.Option(None, "--sampler", help="tpe, gp, cmaes, botorch, random, qmc."),
+    trials: int | None = typer.Option(None, "--trials", "-n", help="Number of trials (default 40)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Stop after this many seconds."),
+    config: Path | None = typer.Option(None, "--config", help="Study preset (TOML); flags win."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Schedule JSON to write."),
+    seed: int | None = typer.Option(None, "--seed"),
+    storage: str | None = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file)."),
+    study: str | None = typer.Option(None, "--study", help="Study name (default derived from the settings)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study with the same name."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance",
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
+    tolerance: float | None = typer.Option(None, "--tolerance",
                                               help="gsearch: cheapest schedule within this discrepancy."),
 ) -> None:
     """Find the schedule that best preserves the model's output under a FLOPs/tokens/KV budget."""

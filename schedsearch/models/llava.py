@@ -67,7 +67,7 @@ class _LlavaBase(VLMAdapter):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.processor.tokenizer
         texts = []
-        for imgs, prompt in zip(images, prompts):
+        for imgs, prompt in zip(images, prompts, strict=False):
             content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
             texts.append(template_owner.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True))

@@ -153,7 +153,7 @@ class _QwenAdapter(VLMAdapter):
         if len(images) != len(prompts):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
         texts = []
-        for imgs, prompt in zip(images, prompts):
+        for imgs, prompt in zip(images, prompts, strict=False):
             content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True))

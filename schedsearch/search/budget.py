@@ -10,7 +10,7 @@ returned point feasible even on a step.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 BudgetFn = Callable[[Sequence[float]], float]
 

@@ -10,8 +10,9 @@ replayed through the same code path.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from schedsearch.errors import SchedsearchError
 from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
@@ -55,13 +56,15 @@ def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_
 def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = None,
                  echo: Callable[[str], None] = print) -> Any:
     from schedsearch.calibration import load_manifest
+
     from schedsearch.models import load_model
     from schedsearch.search.objective import Objective
 
     if s.get("budget") is None:
         raise SearchError("--budget is required, e.g. --budget 0.2 (kept fraction of decoder prefill FLOPs)")
     settings = StudySettings(
-        budget=float(s["budget"]), kind=s["budget_kind"], method=s["method"] if s["method"] != "gsearch" else "psigmoid",
+        budget=float(s["budget"]), kind=s["budget_kind"],
+        method=s["method"] if s["method"] != "gsearch" else "psigmoid",
         sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
         storage=s["storage"], study_name=s["study"], resume=resume,
         scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}},
@@ -134,7 +137,7 @@ def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list) ->
 
     from schedsearch.search.gsearch import GreedySearch
     from schedsearch.search.methods import Candidate
-    from schedsearch.search.optimize import StudyResult, baseline_candidate, _context
+    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate
 
     ctx = _context(obj, settings)
     study = optuna.create_study(direction="minimize", storage=settings.storage, study_name=settings.study_name,

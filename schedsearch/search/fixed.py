@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from schedsearch.search.budget import BudgetFn, InfeasibleBudget, solve_increasing
 
@@ -42,7 +42,7 @@ def fastv(num_layers: int, budget_fn: BudgetFn, target: float, k: int = 2) -> tu
     last: InfeasibleBudget | None = None
     for kk in range(k, -1, -1):
         try:
-            keep = solve_increasing(lambda x: budget_fn(fastv_ratios(num_layers, kk, 1.0 - x)), target, 0.0, 1.0)
+            keep = solve_increasing(lambda x, kk=kk: budget_fn(fastv_ratios(num_layers, kk, 1.0 - x)), target, 0.0, 1.0)
         except InfeasibleBudget as err:
             last = err
             continue
@@ -63,7 +63,7 @@ def pdrop(num_layers: int, budget_fn: BudgetFn, target: float, stages: Sequence[
     for scale in scales:
         st = list(stages) if stages is not None else sorted({round(s * scale) for s in pdrop_stage_layers(num_layers)})
         try:
-            lam = solve_increasing(lambda x: budget_fn(pdrop_ratios(num_layers, st, x)), target, 0.0, 1.0)
+            lam = solve_increasing(lambda x, st=st: budget_fn(pdrop_ratios(num_layers, st, x)), target, 0.0, 1.0)
         except InfeasibleBudget as err:
             last = err
             continue

@@ -19,7 +19,7 @@ trial (Optuna ask/tell); repeated schedules are answered from a memo and not re-
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from schedsearch.search.budget import BudgetFn
 

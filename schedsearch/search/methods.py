@@ -8,8 +8,9 @@ very same code path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from schedsearch.search.budget import BudgetFn
 from schedsearch.search.fixed import BASELINES

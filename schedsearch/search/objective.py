@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class Objective:
         self.metric = metric
         self.adapter.model.eval()
         parts = split_samples(samples, heldout_fraction, seed)
-        self.samples = dict(zip(SPLITS, parts))
+        self.samples = dict(zip(SPLITS, parts, strict=False))
         self.shape = DecoderShape.from_config(adapter.text_config)
         self.batches: dict[str, list[dict]] = {}
         self.counts: dict[str, list[tuple[int, int]]] = {}

@@ -17,8 +17,9 @@ re-scored on the search and held-out splits before it is written.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from schedsearch.errors import SchedsearchError
 from schedsearch.search.budget import InfeasibleBudget
@@ -90,8 +91,9 @@ def make_sampler(name: str, seed: int, n_startup: int = 8) -> Any:
         try:
             from optuna_integration import BoTorchSampler
         except ImportError as err:  # pragma: no cover - depends on extras
-            raise SearchError('--sampler botorch needs optuna-integration and botorch: pip install "schedsearch[search]"') \
-                from err
+            raise SearchError(
+                '--sampler botorch needs optuna-integration and botorch: pip install "schedsearch[search]"'
+            ) from err
         return BoTorchSampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
     raise SearchError(f"--sampler {name!r} is not known: use one of {', '.join(SAMPLERS)}")
 

@@ -94,6 +94,7 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
 
 def _make_qwen(family: str, out: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil
+
     from schedsearch.textvocab import build_word_tokenizer
 
     tok = build_word_tokenizer(WORDS, special_tokens=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE,
@@ -107,12 +108,14 @@ def _make_qwen(family: str, out: Path) -> None:
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Cfg, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Cfg
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
     else:
-        from transformers import Qwen2VLConfig as Cfg, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Cfg
+        from transformers import Qwen2VLForConditionalGeneration as Model
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     cfg = Cfg(text_config=text, vision_config=vision, **common)
@@ -133,6 +136,7 @@ def _make_qwen(family: str, out: Path) -> None:
 
 def _make_llava(family: str, out: Path) -> None:
     from transformers import CLIPVisionConfig
+
     from schedsearch.textvocab import build_word_tokenizer
 
     tok = build_word_tokenizer(WORDS, special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_TEMPLATE,
@@ -148,12 +152,16 @@ def _make_llava(family: str, out: Path) -> None:
     improc_kw = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, do_center_crop=True,
                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     if family == "llava":
-        from transformers import CLIPImageProcessorPil as ImProc, LlavaConfig as Cfg
-        from transformers import LlavaForConditionalGeneration as Model, LlavaProcessor as Proc
+        from transformers import CLIPImageProcessorPil as ImProc
+        from transformers import LlavaConfig as Cfg
+        from transformers import LlavaForConditionalGeneration as Model
+        from transformers import LlavaProcessor as Proc
         cfg = Cfg(image_seq_length=64, **common)
     else:
-        from transformers import LlavaNextConfig as Cfg, LlavaNextForConditionalGeneration as Model
-        from transformers import LlavaNextImageProcessorPil as ImProc, LlavaNextProcessor as Proc
+        from transformers import LlavaNextConfig as Cfg
+        from transformers import LlavaNextForConditionalGeneration as Model
+        from transformers import LlavaNextImageProcessorPil as ImProc
+        from transformers import LlavaNextProcessor as Proc
         pinpoints = [[64, 64], [64, 128], [128, 64]]  # (height, width)
         cfg = Cfg(image_grid_pinpoints=pinpoints, image_seq_length=64, **common)
         improc_kw["image_grid_pinpoints"] = pinpoints

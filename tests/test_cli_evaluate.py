@@ -1,0 +1,92 @@
+"""`schedsearch evaluate` end to end on a tiny checkpoint, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from schedsearch.cli import main
+from schedsearch.testing.tiny import tiny_images
+
+
+def _manifest(tmp_path, n=6):
+    lines = []
+    for i, img in enumerate(tiny_images(n, seed=5)):
+        name = f"img{i}.png"
+        img.save(tmp_path / name)
+        lines.append(json.dumps({"images": [name], "prompt": f"what is shape number {i}?"}))
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _schedule(tmp_path, adapter, ratios):
+    from schedsearch.schedule import Schedule, make_provenance
+
+    s = Schedule.from_dict({
+        "schema_version": "1.0", "keep_ratios": ratios,
+        "scorer": {"name": "last_token_attention", "params": {"rope": False}}, "recycling": None,
+        "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": adapter.num_layers,
+                  "fingerprint": adapter.fingerprint()},
+        "budget": {"kind": "flops", "requested": 0.5, "achieved": None},
+        "objective": None, "method": {"name": "manual", "params": {}},
+        "provenance": make_provenance(),
+    })
+    path = tmp_path / "s.json"
+    s.save(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_evaluate_json(tiny_dir, tmp_path, capsys, family):
+    from schedsearch.models import load_model
+
+    d = tiny_dir(family)
+    ad = load_model(str(d))
+    n = ad.num_layers
+    sched = _schedule(tmp_path, ad, [1.0] + [0.5] * (n - 2) + [0.25])
+    rc = main(["evaluate", str(sched), "--model", str(d), "--calibration", str(_manifest(tmp_path)),
+               "--json", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert rep["n_samples"] == 6
+    assert 0.0 < rep["flops_ratio"] < 1.0 and 0.0 < rep["kv_ratio"] < 1.0
+    assert 0.0 < rep["token_ratio"] < 1.0
+    assert rep["discrepancy"] > 0.0  # pruning changed the last-token state
+    assert rep["prefill_ms_pruned"] > 0 and rep["prefill_ms_unpruned"] > 0
+
+    ones = _schedule(tmp_path, ad, [1.0] * n)
+    rc = main(["evaluate", str(ones), "--model", str(d), "--calibration", str(_manifest(tmp_path)),
+               "--json", "--no-timing"])
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and rep["flops_ratio"] == 1.0 and rep["discrepancy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _one_line_error(args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "schedsearch", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    return proc.returncode, err
+
+
+def test_evaluate_bad_model_inputs(tiny_dir, tmp_path):
+    from schedsearch.models import load_model
+
+    ad = load_model(str(tiny_dir("qwen2_5_vl")))
+    sched = _schedule(tmp_path, ad, [1.0] * ad.num_layers)
+    manifest = _manifest(tmp_path, 2)
+    bad_type = tmp_path / "bert"
+    bad_type.mkdir()
+    (bad_type / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    cases = {
+        "missing model directory": ["--model", str(tmp_path / "nope")],
+        "unsupported model_type": ["--model", str(bad_type)],
+    }
+    for what, extra in cases.items():
+        rc, err = _one_line_error(["evaluate", str(sched), *extra, "--calibration", str(manifest)], tmp_path)
+        assert rc != 0, what
+        assert len(err) == 1 and err[0].startswith("error:"), (what, err)
