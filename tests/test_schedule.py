@@ -411,3 +411,14 @@ def test_nested_section_objects_accepted() -> None:
     s = make(model=ModelInfo(family="llava", name="llava-hf/llava-1.5-7b-hf", num_layers=6))
     assert s.model.fingerprint is None
     assert "6 decoder layers" in s.summary()
+
+
+def test_docs_example_is_a_valid_written_file() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "schedule.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
+    s = Schedule.from_json(block)
+    assert s.to_json() == block
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(json.loads(block))
