@@ -180,13 +180,15 @@ def _set(obj: Any, name: str, value: Any) -> None:
 class _Section:
     """Shared parsing for the nested sections: known keys -> fields, unknown keys -> ``extra``."""
 
+    extra: Mapping[str, Any]
+
     _KEY: ClassVar[str] = ""
     _REQUIRED: ClassVar[tuple[str, ...]] = ()
     _OPEN: ClassVar[bool] = False  # True: unknown keys are part of the section (no warning)
 
     def _check_extra(self) -> None:
         where = f"{self._KEY}.extra"
-        extra = _mapping(getattr(self, "extra"), where)
+        extra = _mapping(self.extra, where)
         names = {f.name for f in dataclasses.fields(self)} - {"extra"}  # type: ignore[arg-type]
         clash = sorted(set(extra) & names)
         if clash:
@@ -211,7 +213,7 @@ class _Section:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}  # type: ignore[arg-type]
-        out.update(_thaw(getattr(self, "extra")))
+        out.update(_thaw(self.extra))
         return out
 
 
@@ -421,7 +423,8 @@ def make_provenance(**kw: Any) -> Provenance:
 def _parse_version(value: Any) -> tuple[int, int]:
     if not isinstance(value, str) or not re.fullmatch(r"\d+\.\d+", value):
         raise ScheduleError(
-            f"schema_version={_show(value)} is not a \"MAJOR.MINOR\" string: this schedsearch writes \"{SCHEMA_VERSION}\""
+            f"schema_version={_show(value)} is not a \"MAJOR.MINOR\" string: "
+            f"this schedsearch writes \"{SCHEMA_VERSION}\""
         )
     major, minor = value.split(".")
     if int(major) != _MAJOR:
@@ -489,7 +492,8 @@ class Schedule:
             r = _number(r, f"keep_ratios[{i}]", "write a fraction in [0, 1]")
             if not 0.0 <= r <= 1.0:
                 raise ScheduleError(
-                    f"keep_ratios[{i}]={r} is outside [0, 1]: a ratio is the kept fraction of the original visual tokens"
+                    f"keep_ratios[{i}]={r} is outside [0, 1]: "
+                    "a ratio is the kept fraction of the original visual tokens"
                 )
             if fixed and r > fixed[-1]:
                 raise ScheduleError(
@@ -535,7 +539,9 @@ class Schedule:
         if not isinstance(data, Mapping):
             raise ScheduleError(f"a schedule must be a JSON object, found {type(data).__name__}")
         if "schema_version" not in data:
-            raise ScheduleError(f"missing required field 'schema_version': add \"schema_version\": \"{SCHEMA_VERSION}\"")
+            raise ScheduleError(
+                f"missing required field 'schema_version': add \"schema_version\": \"{SCHEMA_VERSION}\""
+            )
         _major, minor = _parse_version(data["schema_version"])
         for key in _REQUIRED_TOP:
             if key not in data:

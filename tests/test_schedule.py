@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -101,7 +102,7 @@ def test_ints_become_floats_and_stay_stable() -> None:
 
 def test_frozen_and_hashable() -> None:
     s = make()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.keep_ratios = (1.0,)  # type: ignore[misc]
     with pytest.raises(TypeError):
         s.scorer.params["rope"] = False  # type: ignore[index]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,8 +13,9 @@ from schedsearch.cli import app
 @app.command()
 def validate(
     file: Path = typer.Argument(..., help="Schedule JSON file."),
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Also check it fits this model (alias, directory or hub id): layer count, fingerprint."
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Also check it fits this model (alias, directory or hub id): layer count, fingerprint.",
     ),
     strict: bool = typer.Option(
         False, "--strict", help="Treat a model fingerprint or family mismatch as an error, not a warning."
