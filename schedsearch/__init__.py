@@ -20,7 +20,7 @@ _LAZY = {
     "load_model": "schedsearch.models:load_model",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "Schedule", "load_schedule", "SchedsearchError", "apply_schedule", "load_model"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from schedsearch.errors import SchedsearchError

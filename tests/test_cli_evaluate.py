@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from schedsearch.cli import main
-from schedsearch.testing.tiny import tiny_images
+from schedsearch.testing.tiny import schedule_for, tiny_images
 
 
 def _manifest(tmp_path, n=6):
@@ -24,19 +24,8 @@ def _manifest(tmp_path, n=6):
 
 
 def _schedule(tmp_path, adapter, ratios):
-    from schedsearch.schedule import Schedule, make_provenance
-
-    s = Schedule.from_dict({
-        "schema_version": "1.0", "keep_ratios": ratios,
-        "scorer": {"name": "last_token_attention", "params": {"rope": False}}, "recycling": None,
-        "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": adapter.num_layers,
-                  "fingerprint": adapter.fingerprint()},
-        "budget": {"kind": "flops", "requested": 0.5, "achieved": None},
-        "objective": None, "method": {"name": "manual", "params": {}},
-        "provenance": make_provenance(),
-    })
     path = tmp_path / "s.json"
-    s.save(path)
+    schedule_for(adapter, ratios).save(path)
     return path
 
 

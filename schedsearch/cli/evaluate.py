@@ -38,9 +38,9 @@ def evaluate(
     from schedsearch.schedule import check_compatible, load_schedule
 
     sched = load_schedule(schedule)
+    samples = load_manifest(calibration)  # cheap checks first: fail before loading a model
     adapter = load_model(model or sched.model.name)
     check_compatible(sched, num_layers=adapter.num_layers, fingerprint=adapter.fingerprint(), family=adapter.family)
-    samples = load_manifest(calibration)
     if limit is not None:
         samples = samples[:limit]
     report = evaluate_schedule(adapter, sched, samples, batch_size=batch_size, repeats=repeats,

@@ -171,3 +171,20 @@ def _make_llava(family: str, out: Path) -> None:
                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
                 chat_template=LLAVA_TEMPLATE)
     proc.save_pretrained(out)
+
+
+def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
+                 requested: float = 0.5):
+    """A valid :class:`~schedsearch.schedule.Schedule` for ``adapter`` with the given keep ratios (tests, demos)."""
+    from schedsearch.schedule import Schedule, make_provenance
+
+    return Schedule.from_dict({
+        "schema_version": "1.0", "keep_ratios": list(ratios),
+        "scorer": {"name": scorer, "params": params if params is not None else {"rope": False}},
+        "recycling": None,
+        "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": adapter.num_layers,
+                  "fingerprint": adapter.fingerprint()},
+        "budget": {"kind": "flops", "requested": requested, "achieved": None},
+        "objective": None, "method": {"name": "manual", "params": {}},
+        "provenance": make_provenance().to_dict(),
+    })
