@@ -186,6 +186,104 @@ class _QwenAdapter(VLMAdapter):
             per_image.append(rc.repeat(int(t), 1))
         return _assign_images(per_image, self.visual_mask(input_ids))
 
+    # ------------------------------------------------------------ vision attention (VFlowOpt-style maps)
+    def vision_attention_hook(self, store: list, block: int | None = None) -> Any:
+        """Record, on every vision-tower run, each image's head-averaged self-attention of a late
+        full-attention block, aggregated to the merged tokens the LLM sees, in their original order.
+
+        Appends one (V_i, V_i) float tensor per image to ``store``; returns the hook handle. The q/k are
+        computed from the block's own ``qkv`` projection and vision RoPE (no attention weights needed).
+        Patches of one merged token are consecutive inside the tower; Qwen2.5-VL additionally permutes
+        merge units into windows, undone here with the tower's own window index.
+        """
+        import torch
+
+        visual = self.vision_tower
+        full = list(getattr(visual, "fullatt_block_indexes", None) or range(len(visual.blocks)))
+        attn = visual.blocks[full[-1] if block is None else block].attn
+        unit = self.merge_size**2
+        grid_box: dict[str, Any] = {}
+
+        def tower_pre(module: Any, args: tuple, kwargs: dict) -> None:
+            grid_box["grid"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+        def attn_pre(module: Any, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            cu = kwargs["cu_seqlens"]
+            cos, sin = kwargs["position_embeddings"]
+            n = h.shape[0]
+            with torch.no_grad():
+                q, k, _ = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                q, k = q.float(), k.float()
+                c, s_ = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+                half = q.shape[-1] // 2
+                rot = lambda x: torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # noqa: E731
+                q, k = q * c + rot(q) * s_, k * c + rot(k) * s_  # RoFormer rotate-half, as the tower does
+                window = self._window_index(visual, grid_box.get("grid"), n // unit, h.device)
+                bounds = cu.tolist()
+                for a, b in zip(bounds[:-1], bounds[1:], strict=False):
+                    qa, ka = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1)  # (H, n_i, hd)
+                    probs = torch.softmax(qa @ ka.transpose(-1, -2) * module.scaling, dim=-1).mean(0)
+                    v = (b - a) // unit
+                    merged = probs.reshape(v, unit, v, unit).sum(dim=3).mean(dim=1)  # rows stay distributions
+                    w = window[a // unit : b // unit] - a // unit  # permuted position -> original merged index
+                    orig = torch.empty_like(merged)
+                    orig[w[:, None], w[None, :]] = merged
+                    store.append(orig)
+            return None
+
+        handles = [visual.register_forward_pre_hook(tower_pre, with_kwargs=True),
+                   attn.register_forward_pre_hook(attn_pre, with_kwargs=True)]
+
+        class _Handle:
+            def remove(self_inner) -> None:
+                for hd in handles:
+                    hd.remove()
+
+        return _Handle()
+
+    @staticmethod
+    def _window_index(visual: Any, grid: Any, n_units: int, device: Any) -> Any:
+        import torch
+
+        if grid is None or not hasattr(visual, "window_size"):
+            return torch.arange(n_units, device=device)
+        from transformers.vision_utils import get_vision_window_index
+
+        idx, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                         window_size=visual.window_size, patch_size=visual.patch_size)
+        return idx.to(device)
+
+    def merged_token_grey(self, pixel_values: Any, grid: Any) -> list[Any]:
+        """Per image, (V_i, K) grey values of the pixels under each merged token (for patch entropy).
+
+        The processor lays out each patch row as C x T x p x p with the patches of one merged token
+        consecutive, so a merged token's pixels are ``unit`` consecutive rows.
+        """
+        unit = self.merge_size**2
+        channels = int(self.model.config.vision_config.in_channels)
+        grey = pixel_values.float().reshape(pixel_values.shape[0], channels, -1).mean(dim=1)
+        out, k = [], 0
+        for t, h, w in grid.tolist():
+            n = int(t * h * w)
+            out.append(grey[k : k + n].reshape(n // unit, -1))
+            k += n
+        return out
+
+    def vision_attention(self, batch: Any, block: int | None = None) -> list[Any]:
+        """Run the vision tower once on ``batch`` and return the per-image maps of :meth:`vision_attention_hook`."""
+        import torch
+
+        store: list = []
+        handle = self.vision_attention_hook(store, block)
+        try:
+            with torch.no_grad():
+                self.model.base_model.get_image_features(pixel_values=batch["pixel_values"],
+                                                         image_grid_thw=batch["image_grid_thw"])
+        finally:
+            handle.remove()
+        return store
+
 
 def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
     """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order."""

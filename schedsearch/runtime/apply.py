@@ -92,8 +92,16 @@ class ScheduleHandle:
         self.schedule = schedule
         self.ratios = [float(r) for r in _field(schedule, "keep_ratios")]
         scorer = _field(schedule, "scorer")
-        self.scorer = build_scorer(_field(scorer, "name", "last_token_attention"), _field(scorer, "params", {}),
-                                   importance)
+        params = dict(_field(scorer, "params", {}) or {})
+        self.scorer = build_scorer(_field(scorer, "name", "last_token_attention"), params, importance)
+        self._maps: list | None = None  # vision-attention maps recorded during the vision tower's run
+        if isinstance(self.scorer, External) and importance is None and params.get("source") == "vision_attention":
+            if not hasattr(adapter, "vision_attention_hook"):
+                raise ScheduleError(f"scorer external/vision_attention is not available for the {adapter.family} "
+                                    "family: pass apply_schedule(..., importance=...)")
+            self._maps = []
+            self.scorer.importance = self._vision_importance
+            self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
         recycling = _field(schedule, "recycling")
         self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
         cfg = adapter.text_config
@@ -118,6 +126,8 @@ class ScheduleHandle:
         vision = self.adapter.vision_tower
         if vision is not None:  # generate() runs the encoder before the first forward: record its inputs
             self._handles.append(vision.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        if self._maps is not None:
+            self._handles.append(self.adapter.vision_attention_hook(self._maps))
         self._handles.append(text.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         for i, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(
@@ -155,7 +165,29 @@ class ScheduleHandle:
 
     def _vision_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._batch["_vision_call"] = (args, kwargs)
+        if self._maps is not None:
+            self._maps.clear()  # a new image batch: maps of an earlier one must not leak into it
         return None
+
+    def _vision_importance(self, batch_info: dict) -> torch.Tensor:
+        """(B, V) VFlowOpt importance from the maps recorded during this batch's vision-tower run."""
+        from schedsearch.runtime.importance import importance_for_batch, patch_entropy
+
+        if not self._maps:
+            raise RuntimeScheduleError(
+                "scorer external/vision_attention found no vision-attention map for this batch (the vision encoder "
+                "did not run, e.g. precomputed mm_encoder_outputs): pass apply_schedule(..., importance=...)"
+            )
+        t, alpha = self._map_params
+        entropies = None
+        call = batch_info.get("_vision_call")
+        if alpha and call is not None and hasattr(self.adapter, "merged_token_grey"):
+            args, kwargs = call
+            pixels = args[0] if args else kwargs.get("hidden_states")
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            entropies = [patch_entropy(g) for g in self.adapter.merged_token_grey(pixels, grid)]
+        counts = self.adapter.visual_mask(batch_info["input_ids"]).sum(1).tolist()
+        return importance_for_batch(list(self._maps), counts, t, alpha, entropies)
 
     def _batch_info(self) -> dict[str, Any]:
         """Base-model kwargs of this prefill plus ``_vision_call`` = (args, kwargs) of the vision tower."""

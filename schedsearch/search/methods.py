@@ -67,7 +67,13 @@ class PCosine:
         return Candidate(ratios, solved, ctx.scorer)
 
 
-METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCosine}
+def _vflow() -> Method:
+    from schedsearch.search.vflow import VFlow  # imports this module: resolved lazily
+
+    return VFlow()
+
+
+METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCosine, "vflow": _vflow}
 
 
 def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:

@@ -49,7 +49,7 @@ def split_samples(samples: Sequence[Any], heldout_fraction: float, seed: int) ->
 class Objective:
     def __init__(self, adapter: Any, samples: Sequence[Any], *, heldout_fraction: float = 0.25, seed: int = 0,
                  batch_size: int = 16, metric: str = "cosine", cache_dir: str | Path | None = None,
-                 calibration_hash: str | None = None):
+                 calibration_hash: str | None = None, vision_maps: bool = False):
         if metric not in ("cosine", "kl"):
             raise ValueError(f"metric={metric!r}: use 'cosine' or 'kl'")
         self.adapter = adapter
@@ -59,6 +59,10 @@ class Objective:
         self.samples = dict(zip(SPLITS, parts, strict=False))
         self.shape = DecoderShape.from_config(adapter.text_config)
         self.batches: dict[str, list[dict]] = {}
+        # VFlowOpt-style maps: per split, per batch, per image (V_i, V_i) attention and (V_i,) patch entropy
+        self.maps: dict[str, list[list[torch.Tensor]]] = {}
+        self.entropy: dict[str, list[list[torch.Tensor]]] = {}
+        self.vis_counts: dict[str, list[list[int]]] = {}
         self.counts: dict[str, list[tuple[int, int]]] = {}
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self._calibration_hash = calibration_hash
@@ -68,8 +72,38 @@ class Objective:
             for name, part in self.samples.items():
                 raw = make_batches(adapter, part, batch_size) if part else []
                 self.counts[name] = token_counts(adapter, raw)
+                if vision_maps:
+                    self._vision_maps(name, raw)
                 self.batches[name] = [adapter.precompute_vision(b) for b in raw]
         self.reference = {name: self._reference(name) for name in SPLITS}
+
+    def _vision_maps(self, split: str, raw: list) -> None:
+        if not hasattr(self.adapter, "vision_attention"):
+            raise ValueError(f"method vflow needs vision-attention maps, which the {self.adapter.family} adapter "
+                             "does not provide yet: use psigmoid, pcosine or gsearch")
+        from schedsearch.runtime.importance import patch_entropy
+
+        self.maps[split], self.entropy[split], self.vis_counts[split] = [], [], []
+        for b in raw:
+            self.maps[split].append(self.adapter.vision_attention(b))
+            greys = self.adapter.merged_token_grey(b["pixel_values"], b["image_grid_thw"])
+            self.entropy[split].append([patch_entropy(g) for g in greys])
+            self.vis_counts[split].append(self.adapter.visual_mask(b["input_ids"]).sum(1).tolist())
+
+    def importance(self, schedule: Any, split: str) -> list[torch.Tensor] | None:
+        """Per-batch (B, V) maps for a schedule whose scorer is external/vision_attention, else None."""
+        scorer = schedule.get("scorer") if isinstance(schedule, dict) else getattr(schedule, "scorer", None)
+        name = scorer.get("name") if isinstance(scorer, dict) else getattr(scorer, "name", None)
+        params = (scorer.get("params") if isinstance(scorer, dict) else getattr(scorer, "params", None)) or {}
+        if name != "external" or params.get("source") != "vision_attention":
+            return None
+        if split not in self.maps:
+            raise ValueError("this objective was built without vision maps: pass vision_maps=True")
+        from schedsearch.runtime.importance import importance_for_batch
+
+        t, alpha = float(params.get("t", 1.0)), float(params.get("alpha", 0.0))
+        return [importance_for_batch(m, c, t, alpha, e) for m, c, e in
+                zip(self.maps[split], self.vis_counts[split], self.entropy[split], strict=True)]
 
     # ------------------------------------------------------------------ cache
     def _key(self, split: str) -> str:
@@ -108,11 +142,14 @@ class Objective:
     @torch.no_grad()
     def _outputs(self, split: str, schedule: Any, importance: Any = None) -> torch.Tensor:
         outs = []
-        for b in self.batches[split]:
+        if schedule is not None and importance is None:
+            importance = self.importance(schedule, split)
+        for i, b in enumerate(self.batches[split]):
             if schedule is None:
                 outs.append(self._one(b))
             else:
-                with apply_schedule(self.adapter.model, schedule, adapter=self.adapter, importance=importance):
+                imp = importance[i] if isinstance(importance, list) else importance
+                with apply_schedule(self.adapter.model, schedule, adapter=self.adapter, importance=imp):
                     outs.append(self._one(b))
         return torch.cat(outs)
 
