@@ -131,3 +131,28 @@ def test_bad_settings():
     for kw in ({"budget": 0.0}, {"budget": 1.5}, {"method": "nope"}, {"sampler": "nope"}, {"kind": "x"}):
         with pytest.raises(SearchError):
             StudySettings(**kw).validate()
+
+
+def test_pareto_one_study_many_budgets(qwen_objective):
+    pytest.importorskip("optuna")
+    from schedsearch.search.optimize import StudySettings, run_pareto
+
+    obj, *_ = qwen_objective
+    res = run_pareto(StudySettings(method="psigmoid", sampler="random", trials=8, seed=0), obj, [0.6, 0.8])
+    assert len(res.study.trials) == 8 and len(res.study.directions) == 2
+    assert set(res.per_budget) <= {0.6, 0.8} and res.per_budget
+    for b, r in res.per_budget.items():
+        assert r["budget"]["achieved"] <= b + 1e-12
+        assert r["search"] == pytest.approx(res.study.trials[r["trial"]].values[0], abs=1e-6)
+    if {0.6, 0.8} <= set(res.per_budget):  # a looser budget never does worse on the search split
+        assert res.per_budget[0.8]["search"] <= res.per_budget[0.6]["search"] + 1e-9
+    achieved = [a for a, _ in res.front]
+    assert achieved == sorted(achieved)
+
+
+def test_infeasible_budget_names_the_range(qwen_objective):
+    from schedsearch.search.optimize import SearchError, StudySettings, run_study
+
+    obj, *_ = qwen_objective
+    with pytest.raises(SearchError, match=r"infeasible.*from 0\.\d+ .* to 1\.0"):
+        run_study(StudySettings(budget=0.05, sampler="random", trials=1), obj)

@@ -183,3 +183,77 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
             "budget": budget_dict(obj, cand.ratios, settings),
         }
     return result
+
+
+@dataclass
+class ParetoResult:
+    study: Any
+    per_budget: dict[float, dict]  # requested budget -> {"candidate", "params", "search", "heldout", "budget"}
+    front: list[tuple[float, float]]  # (achieved budget, discrepancy) of the Pareto-optimal trials
+
+
+def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float], *,
+               callbacks: Sequence[Callable] = ()) -> ParetoResult:
+    """One two-objective study (discrepancy, achieved budget) -> one schedule per requested budget.
+
+    The budget becomes a searched parameter ``target`` in [feasible minimum, max(budgets)]; each trial
+    is still budget-matched at its own target, so the front is dense where it matters. For each
+    requested budget B the winner is the completed trial with achieved <= B and the lowest
+    discrepancy; it is replayed through the same ``suggest`` path and re-scored on both splits.
+    """
+    import optuna
+
+    if not budgets:
+        raise SearchError("--pareto needs at least one budget, e.g. --budget 0.1,0.2,0.3")
+    for b in budgets:
+        StudySettings(budget=b, kind=settings.kind, method=settings.method, sampler=settings.sampler,
+                      trials=settings.trials).validate()
+    lo, _ = feasible_range(obj, settings.kind)
+    bad = [b for b in budgets if b < lo - 1e-12]
+    if bad:
+        raise SearchError(f"--budget {bad[0]} is infeasible here: the {settings.kind} ratio can go from {lo:.4f} "
+                          "(every visual token dropped) to 1.0")
+    method = METHODS[settings.method]()
+    hi = max(budgets)
+
+    def ctx_for(target: float) -> SearchContext:
+        c = _context(obj, settings)
+        c.target = target
+        return c
+
+    def objective(trial: Any) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        target = trial.suggest_float("target", lo + 1e-9, hi)
+        cand = method.suggest(trial, ctx_for(target))
+        b = budget_dict(obj, cand.ratios, settings)
+        trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
+        for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
+            trial.set_user_attr(k, b[k])
+        value = obj.score(cand.as_schedule_dict())
+        trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
+        return value, b["achieved"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
+        optuna.samplers.NSGAIISampler(seed=settings.seed)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=settings.storage,
+                                study_name=settings.study_name, load_if_exists=settings.resume)
+    done = len([t for t in study.trials if t.state.is_finished()])
+    if settings.trials - done > 0:
+        study.optimize(objective, n_trials=settings.trials - done, timeout=settings.timeout,
+                       callbacks=list(callbacks), catch=(InfeasibleBudget,))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    per_budget: dict[float, dict] = {}
+    for b in sorted(budgets):
+        ok = [t for t in complete if t.values[1] <= b + 1e-12]
+        if not ok:
+            continue
+        best = min(ok, key=lambda t: t.values[0])
+        cand = method.suggest(optuna.trial.FixedTrial(best.params), ctx_for(best.params["target"]))
+        sched = cand.as_schedule_dict()
+        per_budget[b] = {"candidate": cand, "params": dict(best.params), "trial": best.number,
+                         "search": obj.score(sched),
+                         "heldout": obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
+                         "budget": {**budget_dict(obj, cand.ratios, settings), "requested": b}}
+    front = sorted((t.values[1], t.values[0]) for t in study.best_trials)
+    return ParetoResult(study=study, per_budget=per_budget, front=front)
