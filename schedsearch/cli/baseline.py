@@ -45,8 +45,8 @@ def baseline(
         cand = baseline_candidate(name, ctx)
     except InfeasibleBudget as err:
         lo = bfn([0.0] * adapter.num_layers)
-        raise SearchError(f"{name} cannot meet --budget {budget} ({budget_kind}); feasible range here is "
-                          f"[{lo:.4f}, 1.0]: {err}") from err
+        raise SearchError(f"{name} cannot meet --budget {budget} ({budget_kind}): the feasible range for this "
+                          f"model and calibration set is [{lo:.4f}, 1.0]") from err
     rep = budget_report(shape, counts, cand.ratios)
     b = {"kind": budget_kind, "requested": budget, "achieved": rep.value(budget_kind),
          "flops_ratio": rep.flops_ratio, "kv_ratio": rep.kv_ratio, "token_ratio": rep.token_ratio}
