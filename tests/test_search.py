@@ -156,3 +156,16 @@ def test_infeasible_budget_names_the_range(qwen_objective):
     obj, *_ = qwen_objective
     with pytest.raises(SearchError, match=r"infeasible.*from 0\.\d+ .* to 1\.0"):
         run_study(StudySettings(budget=0.05, sampler="random", trials=1), obj)
+
+
+def test_grouped_budget_fn_equals_budget_report(qwen_objective):
+    from schedsearch.flops import budget_report
+
+    obj, *_ = qwen_objective
+    rng = random.Random(3)
+    for kind in ("flops", "kv", "tokens"):
+        fn = obj.budget_fn(kind)
+        for _ in range(5):
+            r = sorted((rng.random() for _ in range(obj.adapter.num_layers)), reverse=True)
+            want = budget_report(obj.shape, obj.counts["search"], r).value(kind)
+            assert fn(r) == pytest.approx(want, rel=1e-12)

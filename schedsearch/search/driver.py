@@ -152,6 +152,7 @@ def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list) ->
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
+        trial.set_constraint("budget", b["achieved"] - settings.budget)
         value = obj.score({"keep_ratios": ratios, "scorer": ctx.scorer})
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         frozen = study.tell(trial, value)

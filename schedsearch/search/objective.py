@@ -30,6 +30,7 @@ import torch
 from schedsearch.evaluation import make_batches, token_counts
 from schedsearch.flops import DecoderShape, budget_report
 from schedsearch.runtime import apply_schedule
+from schedsearch.schedule import kept_counts
 
 SPLITS = ("search", "heldout")
 
@@ -173,9 +174,28 @@ class Objective:
 
     # ------------------------------------------------------------------ budget
     def budget_fn(self, kind: str = "flops", split: str = "search"):
-        counts = self.counts[split]
+        """ratios -> achieved budget on ``split``; equal to ``budget_report(...).value(kind)`` (tested), but
+        samples with identical (text, visual) counts are evaluated once, since the bisections call this
+        hundreds of times per trial."""
+        from collections import Counter
+
+        from schedsearch.flops import kv_cache_bytes, prefill_flops
+
+        if kind not in ("flops", "kv", "tokens"):
+            return lambda ratios: budget_report(self.shape, self.counts[split], list(ratios)).value(kind)
+        groups = sorted(Counter(self.counts[split]).items())
+        full = [1.0] * self.shape.num_layers
+
+        def total(ratios: Sequence[float]) -> float:
+            if kind == "flops":
+                return sum(m * sum(prefill_flops(self.shape, t, v, ratios)) for (t, v), m in groups)
+            if kind == "kv":
+                return sum(m * kv_cache_bytes(self.shape, t, v, ratios) for (t, v), m in groups)
+            return sum(m * sum(kept_counts(ratios, v)) / len(ratios) for (t, v), m in groups)
+
+        denom = total(full) if kind != "tokens" else sum(m * v for (t, v), m in groups)
 
         def fn(ratios: Sequence[float]) -> float:
-            return budget_report(self.shape, counts, list(ratios)).value(kind)
+            return total(list(ratios)) / denom if denom else 1.0
 
         return fn

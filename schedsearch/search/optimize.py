@@ -72,15 +72,15 @@ class StudyResult:
 
 
 def make_sampler(name: str, seed: int, n_startup: int = 8) -> Any:
+    """Seeded Optuna sampler. Constraints come from ``trial.set_constraint`` (Optuna 5), feasible when <= 0."""
+    import warnings
+
     import optuna
 
-    def constraints(trial: Any) -> Sequence[float]:
-        return trial.user_attrs.get("constraint", (0.0,))
-
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup)
     if name == "random":
@@ -94,7 +94,9 @@ def make_sampler(name: str, seed: int, n_startup: int = 8) -> Any:
             raise SearchError(
                 '--sampler botorch needs optuna-integration and botorch: pip install "schedsearch[search]"'
             ) from err
-        return BoTorchSampler(seed=seed, n_startup_trials=n_startup, constraints_func=constraints)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return BoTorchSampler(seed=seed, n_startup_trials=n_startup)
     raise SearchError(f"--sampler {name!r} is not known: use one of {', '.join(SAMPLERS)}")
 
 
@@ -140,6 +142,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
+        trial.set_constraint("budget", b["achieved"] - settings.budget)  # feasible when <= 0
         value = obj.score(cand.as_schedule_dict())
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         return value
