@@ -56,7 +56,6 @@ def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_
 def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = None,
                  echo: Callable[[str], None] = print) -> Any:
     from schedsearch.calibration import load_manifest
-
     from schedsearch.models import load_model
     from schedsearch.search.objective import Objective
 
