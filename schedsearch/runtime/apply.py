@@ -359,12 +359,18 @@ def apply_schedule(
     *,
     adapter: Any = None,
     importance: Any = None,
+    budget: float | None = None,
+    budget_kind: str = "flops",
+    library: Any = None,
 ) -> ScheduleHandle:
     """Install ``schedule`` on this model instance; returns a handle (context manager).
 
     ``model`` is a transformers VLM or a schedsearch adapter. ``schedule`` is a :class:`Schedule`,
-    a path to a schedule JSON, or a dict with the same fields. ``importance`` feeds the
-    ``external`` scorer: a (B, V) tensor per original visual token or a callable of the batch.
+    a path to a schedule JSON, or a dict with the same fields. Instead of a schedule, ``budget=0.2``
+    resolves the best schedule stored in the schedule library (``library``: a path or
+    :class:`~schedsearch.library.Library`; default ``$SCHEDSEARCH_HOME``) for this model's fingerprint
+    at or under that budget. ``importance`` feeds the ``external`` scorer: a (B, V) tensor per
+    original visual token or a callable of the batch.
     """
     from schedsearch.models.base import VLMAdapter
 
@@ -374,8 +380,14 @@ def apply_schedule(
         from schedsearch.models import adapter_for_model
 
         adapter = adapter_for_model(model)
+    if schedule is None and budget is not None:
+        from schedsearch.library import Library
+
+        lib = library if isinstance(library, Library) else Library(library)
+        schedule = lib.resolve(adapter.fingerprint(), budget, budget_kind).schedule
     if schedule is None:
-        raise ScheduleError("apply_schedule needs a schedule (a Schedule, a path to a schedule JSON, or a dict)")
+        raise ScheduleError("apply_schedule needs a schedule (a Schedule, a path to a schedule JSON, or a dict) "
+                            "or budget=... to pick one from the schedule library")
     if isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__"):
         from schedsearch.schedule import load_schedule
 
