@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ app.add_typer(library_app, name="library")
 def export(
     schedule: Path = typer.Argument(..., help="Schedule JSON file."),
     to: str = typer.Option("library", "--to", help="library (the on-disk schedule library)."),
-    home: Optional[Path] = typer.Option(None, "--home", help="Library folder (default $SCHEDSEARCH_HOME/library)."),
+    home: Path | None = typer.Option(None, "--home", help="Library folder (default $SCHEDSEARCH_HOME/library)."),
 ) -> None:
     """Store a schedule where runtimes pick it up: `apply_schedule(model, budget=0.2)`."""
     from schedsearch.library import Library, LibraryError
@@ -31,8 +30,8 @@ def export(
 
 @library_app.command("list")
 def list_(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model (loads it to get its fingerprint)."),
-    home: Optional[Path] = typer.Option(None, "--home"),
+    model: str | None = typer.Option(None, "--model", "-m", help="Only this model (loaded for its fingerprint)."),
+    home: Path | None = typer.Option(None, "--home"),
 ) -> None:
     """One line per stored schedule: id, model, budget (requested/achieved), objective, method."""
     from schedsearch.library import Library
@@ -55,7 +54,7 @@ def list_(
 
 
 @library_app.command()
-def show(entry_id: str = typer.Argument(...), home: Optional[Path] = typer.Option(None, "--home")) -> None:
+def show(entry_id: str = typer.Argument(...), home: Path | None = typer.Option(None, "--home")) -> None:
     """Print a stored schedule's JSON."""
     from schedsearch.library import Library
 
@@ -63,7 +62,7 @@ def show(entry_id: str = typer.Argument(...), home: Optional[Path] = typer.Optio
 
 
 @library_app.command()
-def remove(entry_id: str = typer.Argument(...), home: Optional[Path] = typer.Option(None, "--home")) -> None:
+def remove(entry_id: str = typer.Argument(...), home: Path | None = typer.Option(None, "--home")) -> None:
     """Delete one stored version."""
     from schedsearch.library import Library
 
