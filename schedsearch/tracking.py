@@ -1,0 +1,448 @@
+"""MLflow tracking for a study: one parent run per study, one child run per trial (the only module importing mlflow).
+
+Lifecycle::
+
+    tracker = Tracker(tracking_uri)                # None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db (CWD)
+    run_id = tracker.start_study(name, params)     # parent run (or resume one: run_id=...)
+    with tracker:                                  # FINISHED on exit, KILLED on Ctrl-C, FAILED on error
+        study.optimize(objective, callbacks=[optuna_callback(tracker)])   # one child run per finished trial
+        tracker.log_artifact_file("best.json"); tracker.log_figure(fig, "history.png")
+        tracker.set_summary({"best": v}, {"schedule_path": "best.json"})
+
+Design notes:
+
+- Everything goes through :class:`mlflow.MlflowClient` with explicit run ids, never the fluent API, so no
+  process-global "active run" is touched and a trial costs three small store calls (create run with its
+  tags, one ``log_batch``, ``update_run``) plus one metric on the parent (the objective history).
+- An unreachable or refusing tracking server is detected once, at construction, with MLflow's HTTP retries
+  off and a short timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``, only for
+  that probe). Then a single :class:`TrackingWarning` is issued and the local default store is used, so the
+  study goes on. Logging errors later in a study (a server that goes away) are warned about once and
+  tracking is switched off; they never stop the study.
+- For a local ``sqlite:///path/x.db`` outside the working directory, new experiments keep their artifacts
+  next to the database (``path/mlruns/<experiment>``) instead of ``./mlruns``.
+- ``import schedsearch.tracking`` is cheap; mlflow is imported on first use. Without it a
+  :class:`TrackingUnavailableError` says which extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from schedsearch.errors import SchedsearchError
+
+__all__ = [
+    "DEFAULT_TRACKING_URI", "Tracker", "TrackingUnavailableError", "TrackingWarning", "flatten_params",
+    "optuna_callback",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PROBE_TIMEOUT_S = 3
+_STATUSES = ("FINISHED", "KILLED", "FAILED")
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+_MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+_MAX_PER_BATCH = 100  # params/tags per log_batch (MLflow's limit; metrics allow 1000)
+
+
+class TrackingUnavailableError(SchedsearchError, ImportError):
+    """mlflow (or matplotlib for figures) is not installed."""
+
+
+class TrackingWarning(UserWarning):
+    """Tracking degraded (unreachable server -> local store; logging switched off after an error)."""
+
+
+def _mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise TrackingUnavailableError(
+            f"MLflow tracking needs mlflow ({exc}): pip install \"schedsearch[search]\""
+        ) from None
+    return mlflow
+
+
+def _warn(message: str) -> None:
+    warnings.warn(" ".join(message.split()), TrackingWarning, stacklevel=3)
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Temporarily set environment variables (MLflow reads its HTTP settings per request)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _quiet_db_logs() -> Iterator[None]:
+    """MLflow logs two INFO lines when it creates/migrates a sqlite store; keep the CLI output clean."""
+    names = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _sanitize_key(key: Any) -> str:
+    k = _KEY_BAD.sub("_", str(key)).strip() or "_"
+    return k[:250]
+
+
+def _fmt_number(x: float, digits: int | None = None) -> str:
+    if isinstance(x, float):
+        return repr(round(x, digits) if digits is not None else x)
+    return str(x)
+
+
+def _param_value(v: Any) -> str:
+    """Stringify one parameter value; lists/tuples become compact JSON-like strings."""
+    if isinstance(v, bool) or v is None:
+        s = str(v)
+    elif isinstance(v, int | float):
+        s = _fmt_number(v)
+    elif isinstance(v, list | tuple):
+        s = "[" + ",".join(_fmt_number(x, 6) if isinstance(x, int | float) and not isinstance(x, bool)
+                           else _param_value(x) for x in v) + "]"
+    elif isinstance(v, Mapping):
+        s = json.dumps(v, sort_keys=True, default=str, separators=(",", ":"))
+    else:
+        s = str(v)
+    return s if len(s) <= _MAX_PARAM_VALUE else s[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> dotted keys; every value a string MLflow accepts (lists flattened to ``[a,b,...]``)."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_params(v, prefix=f"{key}."))
+        else:
+            out[_sanitize_key(key)] = _param_value(v)
+    return out
+
+
+def _numeric(v: Any) -> float | None:
+    """A metric value from a number, a bool or a one-element sequence of a number; None otherwise."""
+    if isinstance(v, list | tuple) and len(v) == 1:
+        v = v[0]
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    try:  # numpy / torch scalars
+        import numbers
+
+        if isinstance(v, numbers.Real):
+            return float(v)
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+class Tracker:
+    """One MLflow parent run per study, one child run per trial.
+
+    ``Tracker(tracking_uri, experiment)`` connects (falling back to ``sqlite:///mlflow.db`` in the working
+    directory with one :class:`TrackingWarning` when the URI cannot be used). Then :meth:`start_study` opens
+    or resumes the parent run; :meth:`log_trial` adds a finished child run; :meth:`log_artifact_file`,
+    :meth:`log_figure` and :meth:`set_summary` decorate the parent; :meth:`end` (or leaving ``with tracker:``)
+    closes it. Thread-safe, so Optuna's ``n_jobs > 1`` callbacks can share one tracker.
+
+    Attributes: ``tracking_uri`` (the store actually used), ``requested_uri``, ``fell_back`` (bool),
+    ``experiment_id``, ``run_id`` (the parent, once started), ``enabled`` (False after a logging error).
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "schedsearch"):
+        mlflow = _mlflow()
+        self.requested_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        self.experiment = experiment
+        self.fell_back = False
+        self.run_id: str | None = None
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._ended = False
+        self._warned_error = False
+        try:
+            self._client, self.experiment_id = self._connect(mlflow, self.requested_uri)
+            self.tracking_uri = self.requested_uri
+        except Exception as exc:
+            if self.requested_uri == DEFAULT_TRACKING_URI:
+                raise
+            reason = " ".join(str(exc).split())
+            if len(reason) > 160:
+                reason = reason[:157] + "..."
+            _warn(f"tracking URI {self.requested_uri} is unreachable ({type(exc).__name__}: {reason}); "
+                  f"the study goes on and logs to the local store {DEFAULT_TRACKING_URI} "
+                  f"(see it with: schedsearch ui)")
+            self.fell_back = True
+            self.tracking_uri = DEFAULT_TRACKING_URI
+            self._client, self.experiment_id = self._connect(mlflow, DEFAULT_TRACKING_URI)
+
+    # -- connection ----------------------------------------------------------------------------------------
+    def _connect(self, mlflow: Any, uri: str) -> tuple[Any, str]:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///"):])
+            if str(db) not in ("", ":memory:"):
+                db.parent.mkdir(parents=True, exist_ok=True)
+                if db.resolve().parent != Path.cwd().resolve():
+                    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", self.experiment)
+                    artifact_location = (db.resolve().parent / "mlruns" / slug).as_uri()
+        env = {}
+        if uri.startswith(("http://", "https://")):
+            env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+        with _env(**env), _quiet_db_logs():
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                exp_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    client.restore_experiment(exp.experiment_id)
+                exp_id = exp.experiment_id
+        return client, exp_id
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``mlflow.MlflowClient`` (bound to :attr:`tracking_uri`)."""
+        return self._client
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("Tracker.start_study() must be called before logging to the study's run")
+        return self.run_id
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.enabled = False
+        if not self._warned_error:
+            self._warned_error = True
+            _warn(f"MLflow logging failed while {what} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                  "tracking is off for the rest of this study, which goes on")
+
+    def _log_batch(self, run_id: str, params: Mapping[str, str] = (), metrics: Mapping[str, float] = (),
+                   tags: Mapping[str, str] = (), step: int = 0) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = int(time.time() * 1000)
+        p = [Param(k, v) for k, v in dict(params).items()]
+        m = [Metric(k, float(v), ts, step) for k, v in dict(metrics).items()]
+        t = [RunTag(k, str(v)) for k, v in dict(tags).items()]
+        if len(p) <= _MAX_PER_BATCH and len(t) <= _MAX_PER_BATCH and len(p) + len(m) + len(t) <= 1000:
+            self._client.log_batch(run_id, metrics=m, params=p, tags=t, synchronous=True)
+            return
+        for chunk in _chunks(p, _MAX_PER_BATCH):
+            self._client.log_batch(run_id, params=chunk, synchronous=True)
+        for chunk in _chunks(t, _MAX_PER_BATCH):
+            self._client.log_batch(run_id, tags=chunk, synchronous=True)
+        for chunk in _chunks(m, 1000):
+            self._client.log_batch(run_id, metrics=chunk, synchronous=True)
+
+    # -- parent run ----------------------------------------------------------------------------------------
+    def start_study(self, name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None,
+                    run_id: str | None = None) -> str:
+        """Open the parent run named ``name`` (or resume ``run_id``) and log ``params``; return its run id.
+
+        Resuming keeps the run's earlier params (MLflow params are immutable): new keys are added, changed
+        values are recorded as tags ``resume.<key>``. An unknown ``run_id`` (e.g. it lives in another store)
+        starts a new parent run with tag ``schedsearch.resumed_from``.
+        """
+        flat = flatten_params(params)
+        all_tags = {"schedsearch.study": name, "mlflow.runName": name}
+        if self.fell_back:
+            all_tags["schedsearch.requested_tracking_uri"] = self.requested_uri
+        all_tags.update({_sanitize_key(k): str(v) for k, v in (tags or {}).items()})
+        run = None
+        if run_id is not None:
+            try:
+                run = self._client.get_run(run_id)
+            except Exception:
+                run = None
+            if run is None or run.info.lifecycle_stage == "deleted":
+                _warn(f"MLflow run {run_id} was not found in {self.tracking_uri}; starting a new parent run")
+                all_tags["schedsearch.resumed_from"] = run_id
+                run = None
+        if run is not None:
+            old = run.data.params
+            new = {k: v for k, v in flat.items() if k not in old}
+            changed = {f"resume.{k}": v for k, v in flat.items() if k in old and old[k] != v}
+            all_tags.pop("mlflow.runName", None)
+            self._client.update_run(run.info.run_id, status="RUNNING")
+            self._log_batch(run.info.run_id, params=new, tags={**all_tags, **changed})
+            self.run_id = run.info.run_id
+        else:
+            run = self._client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            self.run_id = run.info.run_id
+            self._log_batch(self.run_id, params=flat)
+        self._ended = False
+        return self.run_id
+
+    def log_artifact_file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a local file into the parent run's artifacts (under ``artifact_path`` when given)."""
+        rid = self._require_run()
+        if not self.enabled:
+            return
+        try:
+            self._client.log_artifact(rid, str(path), artifact_path)
+        except Exception as exc:
+            self._failed(f"logging artifact {path}", exc)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Save a matplotlib Figure as the parent run's artifact ``name`` (e.g. ``plots/history.png``); closes it."""
+        rid = self._require_run()
+        try:
+            if self.enabled:
+                self._client.log_figure(rid, fig, name, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+        except Exception as exc:
+            self._failed(f"logging figure {name}", exc)
+        finally:
+            plt = sys.modules.get("matplotlib.pyplot")  # only pyplot-made figures need closing
+            if plt is not None:
+                plt.close(fig)
+
+    def set_summary(self, metrics: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> None:
+        """Log summary metrics (numeric entries only) and extra params on the parent run."""
+        if not self.enabled:
+            return
+        m = {_sanitize_key(k): v for k, v in ((k, _numeric(v)) for k, v in metrics.items()) if v is not None}
+        rid = self._require_run()
+        try:
+            old = self._client.get_run(rid).data.params if params else {}
+            p = {k: v for k, v in flatten_params(params or {}).items() if k not in old}
+            self._log_batch(rid, params=p, metrics=m)
+        except Exception as exc:
+            self._failed("logging the study summary", exc)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the parent run with ``status`` (FINISHED, KILLED or FAILED). Idempotent."""
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
+        if self.run_id is None or self._ended:
+            return
+        self._ended = True
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            self._failed(f"ending the run as {status}", exc)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+        return False
+
+    # -- child runs ----------------------------------------------------------------------------------------
+    def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, Any],
+                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str | None:
+        """Record one finished trial as a child run of the study's run; return the child run id.
+
+        ``params`` are flattened to strings; ``metrics`` keep their numeric entries (others are dropped).
+        The parent also gets metric ``objective`` (from ``metrics["value"]`` when present) at step ``number``
+        so its chart shows the optimization history. Errors are warned about once and switch tracking off.
+        """
+        if not self.enabled:
+            return None
+        parent = self._require_run()
+        flat = flatten_params(params)
+        m = {_sanitize_key(k): v for k, v in ((k, _numeric(v)) for k, v in metrics.items()) if v is not None}
+        all_tags = {"mlflow.parentRunId": parent, "schedsearch.trial": str(int(number))}
+        all_tags.update({_sanitize_key(k): str(v) for k, v in (tags or {}).items()})
+        with self._lock:
+            try:
+                run = self._client.create_run(self.experiment_id, run_name=f"trial-{int(number):04d}",
+                                              tags=all_tags)
+                cid = run.info.run_id
+                self._log_batch(cid, params=flat, metrics=m, step=int(number))
+                self._client.set_terminated(cid, status=status)
+                if "value" in m and math.isfinite(m["value"]):
+                    self._log_batch(parent, metrics={"objective": m["value"]}, step=int(number))
+                return cid
+            except Exception as exc:
+                self._failed(f"logging trial {number}", exc)
+                return None
+
+
+def _trial_metrics(study: Any, trial: Any) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    values = trial.values
+    if values:
+        names = getattr(study, "metric_names", None)
+        if len(values) == 1:
+            metrics["value"] = values[0]
+            if names:
+                metrics[names[0]] = values[0]
+        else:
+            for i, v in enumerate(values):
+                metrics[names[i] if names else f"value_{i}"] = v
+    for k, v in trial.user_attrs.items():
+        x = _numeric(v)
+        if x is not None:
+            metrics[k] = x
+    if "trial_seconds" not in metrics and trial.datetime_start and trial.datetime_complete:
+        metrics["trial_seconds"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return metrics
+
+
+def optuna_callback(tracker: Tracker, extra_metrics_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None
+                    ) -> Callable[[Any, Any], None]:
+    """A ``study.optimize(callbacks=[...])`` callback logging each finished trial as a child run.
+
+    Logged: the trial's params; its value (``value``, or ``value_i`` / ``study.metric_names`` for several
+    objectives); numeric ``user_attrs`` (one-element sequences such as a constraint tuple included) as
+    metrics; other user attrs as params ``attr.<key>`` (lists flattened to strings); ``extra_metrics_fn(study,
+    trial)`` entries as metrics; the trial state as tag ``optuna.state``. FAIL trials end FAILED, the others
+    FINISHED. The callback never raises on a tracking error (it warns once); it also works when called by hand
+    after ``study.tell`` (ask/tell loops).
+    """
+
+    def callback(study: Any, trial: Any) -> None:
+        metrics = _trial_metrics(study, trial)
+        if extra_metrics_fn is not None:
+            metrics.update(extra_metrics_fn(study, trial) or {})
+        params: dict[str, Any] = dict(trial.params)
+        for k, v in trial.user_attrs.items():
+            if _numeric(v) is None:
+                params[f"attr.{k}"] = v
+        state = getattr(trial.state, "name", str(trial.state))
+        tags = {"optuna.state": state, "optuna.study": study.study_name}
+        tracker.log_trial(trial.number, params, metrics, tags=tags,
+                          status="FAILED" if state == "FAIL" else "FINISHED")
+
+    return callback
