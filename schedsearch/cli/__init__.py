@@ -23,7 +23,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from schedsearch.cli import baseline, evaluate, library, optimize, validate  # noqa: F401  (each adds commands)
+    from schedsearch.cli import baseline, evaluate, library, optimize, ui, validate  # noqa: F401  (each adds commands)
 
 
 def main(argv: list[str] | None = None) -> int:
