@@ -1,0 +1,102 @@
+"""Exact-match accuracy of a VLM (optionally under a pruning schedule) on a manifest that has answers.
+
+    from schedsearch.toy.eval import accuracy, random_drop_schedule
+    report = accuracy(adapter, samples)                               # unpruned
+    report = accuracy(adapter, samples, schedule=sched)              # pruned, same batches
+    report["overall"], report["by_qtype"]["spatial"], report["by_region"]["top left"]
+
+Answers are compared after lower-casing and collapsing whitespace; the prediction is the greedy
+generation (``max_new_tokens``) decoded without special tokens. Samples are batched with samples of
+the same visual-token count (the runtime's requirement), left-padded by the adapter's processor.
+Breakdowns use the manifest's optional ``qtype`` and ``region`` keys (``Sample.extra``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["accuracy", "normalize", "random_drop_schedule"]
+
+
+def normalize(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def _groups(adapter: Any, samples: Sequence[Any], batch_size: int) -> list[list[int]]:
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        one = adapter.prepare([list(s.images)], [s.prompt])
+        by_count[int(adapter.visual_mask(one["input_ids"]).sum())].append(i)
+    return [idx[k:k + batch_size] for idx in by_count.values() for k in range(0, len(idx), batch_size)]
+
+
+def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch_size: int = 32,
+            max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers, one per sample, in order."""
+    import torch
+
+    from schedsearch.runtime import apply_schedule
+
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    out: list[str] = [""] * len(samples)
+    for idx in _groups(adapter, samples, batch_size):
+        batch = adapter.prepare([list(samples[i].images) for i in idx], [samples[i].prompt for i in idx])
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            if schedule is None:
+                gen = adapter.model.generate(**batch, **kw)
+            else:
+                with apply_schedule(adapter.model, schedule, adapter=adapter):
+                    gen = adapter.model.generate(**batch, **kw)
+        texts = tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = normalize(t)
+    return out
+
+
+def accuracy(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch_size: int = 32,
+             max_new_tokens: int = 4) -> dict:
+    """{"n", "overall", "by_qtype": {qtype: acc}, "by_region": {region: acc}, "counts": {...}}."""
+    missing = [s.source for s in samples if s.answer is None]
+    if missing:
+        from schedsearch.errors import CalibrationError
+
+        raise CalibrationError(f"{missing[0]}: accuracy needs an \"answer\" on every line "
+                               f"({len(missing)} samples have none)")
+    preds = predict(adapter, samples, schedule=schedule, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    hits = [p == normalize(s.answer) for p, s in zip(preds, samples, strict=True)]
+    by_q: dict[str, list[bool]] = defaultdict(list)
+    by_r: dict[str, list[bool]] = defaultdict(list)
+    for h, s in zip(hits, samples, strict=True):
+        by_q[str(s.extra.get("qtype", "all"))].append(h)
+        if "region" in s.extra:
+            by_r[str(s.extra["region"])].append(h)
+
+    def mean(v: list[bool]) -> float:
+        return sum(v) / len(v)
+
+    return {"n": len(hits), "overall": mean(hits),
+            "by_qtype": {k: mean(v) for k, v in sorted(by_q.items())},
+            "by_region": {k: mean(v) for k, v in sorted(by_r.items())},
+            "counts": {"qtype": {k: len(v) for k, v in sorted(by_q.items())},
+                       "region": {k: len(v) for k, v in sorted(by_r.items())}},
+            "predictions": preds}
+
+
+def random_drop_schedule(adapter: Any, keep: float = 0.1, after_layer: int = 2, seed: int = 0) -> Any:
+    """A schedule keeping a random ``keep`` fraction of visual tokens from decoder layer ``after_layer`` on
+    (layers ``0 .. after_layer-1`` see every token)."""
+    from schedsearch.schedule import Schedule, make_provenance
+
+    n = adapter.num_layers
+    return Schedule.from_dict({
+        "schema_version": "1.0", "keep_ratios": [1.0] * after_layer + [float(keep)] * (n - after_layer),
+        "scorer": {"name": "random", "params": {"seed": seed}}, "recycling": None,
+        "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": n,
+                  "fingerprint": adapter.fingerprint()},
+        "budget": {"kind": "tokens", "requested": keep, "achieved": None},
+        "objective": None, "method": {"name": "manual", "params": {"after_layer": after_layer}},
+        "provenance": make_provenance().to_dict(),
+    })
