@@ -1,0 +1,294 @@
+"""MLflow tracking (parent/child runs from a real Optuna study, statuses, resume, unreachable URI), plots, ui."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+pytest.importorskip("mlflow")
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("matplotlib")
+
+from schedsearch.tracking import (  # noqa: E402
+    DEFAULT_TRACKING_URI,
+    Tracker,
+    TrackingWarning,
+    flatten_params,
+    optuna_callback,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating one costs ~2 s of schema migrations); tests use own experiments."""
+    d = tmp_path_factory.mktemp("mlstore") / "store"
+    return d, f"sqlite:///{d}/mlflow.db"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(tracker: Tracker, parent: str) -> list:
+    return tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                      order_by=["tags.`schedsearch.trial` ASC"])
+
+
+def _objective(trial):
+    x = trial.suggest_float("x", -2.0, 2.0)
+    k = trial.suggest_int("k", 1, 4)
+    trial.set_user_attr("flops_ratio", 0.1 * k)
+    trial.set_user_attr("kv_ratio", 0.05 * k)
+    trial.set_user_attr("constraint", (0.1 * k - 0.2,))
+    trial.set_user_attr("keep_ratios", [1.0, 0.5, 0.25])
+    trial.set_user_attr("trial_seconds", 0.01)
+    return (x - 0.5) ** 2 + k
+
+
+def test_flatten_params():
+    flat = flatten_params({"a": 1, "b": [0.1234567891, 2], "c": {"d": True, "e": {"f": "g"}}, "n": None,
+                           "bad key!": 0.5})
+    assert flat == {"a": "1", "b": "[0.123457,2]", "c.d": "True", "c.e.f": "g", "n": "None", "bad key_": "0.5"}
+    assert len(flatten_params({"long": "x" * 10000})["long"]) == 6000
+
+
+def test_study_parent_and_child_runs(store, tmp_path):
+    d, uri = store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        tracker = Tracker(uri, experiment="quadratic")
+    assert not tracker.fell_back and tracker.tracking_uri == uri
+    parent = tracker.start_study("quad", {"budget": 0.2, "sampler": "tpe", "scorer": {"name": "attn"}},
+                                 tags={"owner": "test"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    times = []
+    cb = optuna_callback(tracker, extra_metrics_fn=lambda s, t: {"best_so_far": s.best_value})
+
+    def timed(s, t):
+        t0 = time.perf_counter()
+        cb(s, t)
+        times.append(time.perf_counter() - t0)
+
+    with tracker:
+        study.optimize(_objective, n_trials=3, callbacks=[timed])
+        (tmp_path / "best.json").write_text("{}")
+        tracker.log_artifact_file(tmp_path / "best.json")
+        from schedsearch import plots
+
+        tracker.log_figure(plots.history_plot([t.value for t in study.trials]), "optimization_history.png")
+        tracker.set_summary({"best_search": study.best_value, "note": "not a number"}, {"schedule_path": "x"})
+
+    client = tracker.client
+    p = client.get_run(parent)
+    assert p.info.status == "FINISHED"
+    assert p.data.params["budget"] == "0.2" and p.data.params["scorer.name"] == "attn"
+    assert p.data.params["schedule_path"] == "x"
+    assert p.data.tags["owner"] == "test" and p.data.tags["mlflow.runName"] == "quad"
+    assert p.data.metrics["best_search"] == pytest.approx(study.best_value)
+    assert "note" not in p.data.metrics
+    assert [m.step for m in client.get_metric_history(parent, "objective")] == [0, 1, 2]
+    arts = {a.path for a in client.list_artifacts(parent)}
+    assert {"best.json", "optimization_history.png"} <= arts
+    assert (d / "mlruns" / "quadratic").is_dir()  # artifacts next to the database, not in the CWD
+
+    kids = _children(tracker, parent)
+    assert len(kids) == 3
+    for run, trial in zip(kids, study.trials, strict=True):
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.info.run_name == f"trial-{trial.number:04d}"
+        assert float(run.data.params["x"]) == pytest.approx(trial.params["x"], rel=0, abs=0)
+        assert run.data.params["k"] == str(trial.params["k"])
+        assert run.data.params["attr.keep_ratios"] == "[1.0,0.5,0.25]"
+        m = run.data.metrics
+        assert m["value"] == pytest.approx(trial.value)
+        assert m["flops_ratio"] == pytest.approx(0.1 * trial.params["k"])
+        assert m["kv_ratio"] == pytest.approx(0.05 * trial.params["k"])
+        assert m["constraint"] == pytest.approx(0.1 * trial.params["k"] - 0.2)
+        assert m["trial_seconds"] == pytest.approx(0.01)
+        assert "best_so_far" in m
+    ms = sorted(times)[len(times) // 2] * 1000
+    print(f"per-trial logging: median {ms:.1f} ms")
+    assert ms < 250  # ~17 ms on 2 shared cores; loose bound against a regression to seconds
+
+
+def test_interrupt_kills_error_fails_and_resume(store):
+    _, uri = store
+    tracker = Tracker(uri, experiment="statuses")
+    rid = tracker.start_study("interrupted", {"trials": 10})
+    study = optuna.create_study()
+
+    def objective(trial):
+        if trial.number == 2:
+            raise KeyboardInterrupt
+        return trial.suggest_float("x", 0, 1)
+
+    with pytest.raises(KeyboardInterrupt), tracker:
+        study.optimize(objective, n_trials=10, callbacks=[optuna_callback(tracker)])
+    assert tracker.client.get_run(rid).info.status == "KILLED"
+    assert len(_children(tracker, rid)) == 2  # finished trials stay logged
+
+    # --resume: same parent, RUNNING again, earlier params kept, changed ones noted as tags
+    t2 = Tracker(uri, experiment="statuses")
+    assert t2.start_study("interrupted", {"trials": 20, "new": 1}, run_id=rid) == rid
+    assert t2.client.get_run(rid).info.status == "RUNNING"
+    with t2:
+        t2.log_trial(2, {"x": 0.3}, {"value": 0.3})
+    r = t2.client.get_run(rid)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["trials"] == "10" and r.data.params["new"] == "1"
+    assert r.data.tags["resume.trials"] == "20"
+    assert len(_children(t2, rid)) == 3
+
+    t3 = Tracker(uri, experiment="statuses")
+    t3.start_study("failing", {})
+    with pytest.raises(ValueError), t3:
+        raise ValueError("boom")
+    assert t3.client.get_run(t3.run_id).info.status == "FAILED"
+
+    with pytest.warns(TrackingWarning, match="not found"):
+        new = t3.start_study("unknown", {}, run_id="0" * 32)
+    assert new != "0" * 32
+    t3.end()
+    with pytest.raises(ValueError, match="status"):
+        t3.end("DONE")
+
+
+def test_multi_objective_and_logging_error_does_not_stop_study(store):
+    _, uri = store
+    tracker = Tracker(uri, experiment="multi")
+    rid = tracker.start_study("pareto", {})
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_metric_names(["discrepancy", "flops_ratio"])
+    with tracker:
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.5), n_trials=1,
+                       callbacks=[optuna_callback(tracker)])
+        (kid,) = _children(tracker, rid)
+        assert kid.data.metrics["flops_ratio"] == 0.5 and "discrepancy" in kid.data.metrics
+
+        def broken(*a, **k):
+            raise ConnectionError("server went away")
+
+        tracker.client.create_run = broken
+        with pytest.warns(TrackingWarning) as rec:
+            study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.5), n_trials=3,
+                           callbacks=[optuna_callback(tracker)])
+        assert len(rec) == 1 and "tracking is off" in str(rec[0].message)
+    assert len(study.trials) == 4 and not tracker.enabled
+
+
+def test_unreachable_uri_falls_back_to_local_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    port = _closed_port()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        tracker = Tracker(f"http://127.0.0.1:{port}", experiment="fallback")
+        rid = tracker.start_study("s", {"a": 1})
+        study = optuna.create_study()
+        with tracker:
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, callbacks=[optuna_callback(tracker)])
+    elapsed = time.perf_counter() - t0
+    ours = [w for w in rec if issubclass(w.category, TrackingWarning)]
+    assert len(ours) == 1, [str(w.message) for w in rec]
+    msg = str(ours[0].message)
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and DEFAULT_TRACKING_URI in msg
+    assert tracker.fell_back and tracker.tracking_uri == DEFAULT_TRACKING_URI
+    assert (tmp_path / "mlflow.db").is_file()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's settings were restored
+    from mlflow import MlflowClient
+
+    local = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = local.get_experiment_by_name("fallback")
+    runs = local.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{rid}'")
+    assert len(runs) == 2
+    assert local.get_run(rid).data.tags["schedsearch.requested_tracking_uri"] == f"http://127.0.0.1:{port}"
+    assert elapsed < 10, elapsed
+
+
+def test_figures_render_to_png(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from schedsearch import plots
+
+    img = Image.fromarray((np.arange(48 * 64 * 3) % 255).reshape(48, 64, 3).astype("uint8"))
+    grid = np.zeros((6, 8), dtype=bool)
+    grid[1:4, 2:6] = True
+    pts = [(0.1, 0.5), (0.2, 0.3), (0.05, 0.8), (0.3, 0.35)]
+    assert plots.pareto_front(pts) == [(0.2, 0.3), (0.1, 0.5), (0.05, 0.8)]
+    figs = {
+        "keep": plots.keep_ratio_plot({"searched": [1, 1, 0.5, 0.2], "fastv": [1, 0.3, 0.3, 0.3]}),
+        "history": plots.history_plot([3.0, 2.0, None, float("nan"), 2.5, 1.0]),
+        "pareto": plots.pareto_plot(pts, budgets=[0.2]),
+        "overlay_grid": plots.overlay_plot(img, grid),
+        "overlay_float": plots.overlay_plot(img, [[0.0, 0.5], [1.0, 0.25]]),
+        "overlay_boxes": plots.overlay_plot(img, [(0.0, 0.0, 0.5, 0.5), (32, 24, 48, 48)]),
+    }
+    for name, fig in figs.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path)
+        assert path.stat().st_size > 1000, name
+        with Image.open(path) as im:
+            w, h = im.size
+            assert im.format == "PNG" and w >= 300 and h >= 200, (name, im.size)
+    with pytest.raises(ValueError, match="2-D"):
+        plots.overlay_plot(img, np.zeros((2, 2, 2)))
+
+
+def test_ui_rejects_busy_port_and_short_circuits_servers(capsys):
+    from schedsearch.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--tracking-uri", "sqlite:///nowhere/x.db"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port}" in err and err.count("error:") == 1
+    assert main(["ui", "--tracking-uri", "http://127.0.0.1:5000"]) == 0
+    assert "nothing to start" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ui_serves_runs(store):
+    import json
+    import urllib.request
+
+    _, uri = store
+    tracker = Tracker(uri, experiment="served")
+    rid = tracker.start_study("served", {})
+    tracker.end()
+    port = _closed_port()
+    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "ui", "--tracking-uri", uri, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        body = json.dumps({"experiment_ids": [tracker.experiment_id]}).encode()
+        deadline = time.time() + 60
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    runs = json.load(r)["runs"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.5)
+        assert [r["info"]["run_id"] for r in runs] == [rid]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
