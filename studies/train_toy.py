@@ -1,0 +1,326 @@
+"""Train the shipped toy VLM: a real Qwen2_5_VLForConditionalGeneration, from scratch, on the toy task.
+
+    python studies/train_toy.py --out schedsearch/toy/model --steps 3000          # CPU, 1 thread
+    python studies/train_toy.py --probe 20                                         # time 20 steps, exit
+
+Recipe (see studies/train_toy.md for the measured curves and held-out figures):
+
+* model: text decoder 8 layers (hidden ``--hidden``, GQA 4/2 heads, SwiGLU), vision tower 2 blocks
+  (patch 4, 2x2 merge): a 128 px image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens;
+* inputs built by the same processor class the loader uses (tokenizer + PIL image processor), with
+  ``mm_token_type_ids`` so the decoder sees its 3-D mRoPE positions;
+* loss = answer cross-entropy (answer tokens + ``<|im_end|>``) + ``--aux`` x per-visual-token
+  cross-entropy (a linear probe on the vision tower's merged outputs predicts the colour, shape and
+  size of the object under each token), so visual tokens carry content from the first steps;
+* curriculum: scenes with at most 2 objects for the first ``--curriculum`` steps, then up to 6;
+  AdamW, linear warm-up then cosine decay; fixed seeds; samples drawn from the toy stream
+  ``TRAIN_SEED`` (the held-out stream ``HELDOUT_SEED`` is never trained on).
+
+Curves go to ``<log>.csv`` (step, loss, aux loss, train accuracy, lr, seconds) and held-out
+evaluations to ``<log>.eval.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schedsearch.testing.tiny import QWEN_SPECIALS, QWEN_TEMPLATE
+from schedsearch.toy import HELDOUT_SEED, TRAIN_SEED, sample
+from schedsearch.toy.questions import QTYPES, WORDS
+from schedsearch.toy.scenes import COLOURS, IMAGE_SIZE, SHAPES, SIZES, label_map
+
+PATCH, MERGE = 4, 2
+TOKENS_SIDE = IMAGE_SIZE // (PATCH * MERGE)  # 16 -> 256 visual tokens
+
+
+def build_tokenizer():
+    from schedsearch.textvocab import build_word_tokenizer
+
+    return build_word_tokenizer(WORDS + ["user", "assistant", "system"], special_tokens=QWEN_SPECIALS,
+                                chat_template=QWEN_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def build_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    px = IMAGE_SIZE * IMAGE_SIZE
+    return Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+                                    size={"shortest_edge": px, "longest_edge": px})
+
+
+def build_model(tok, hidden: int, layers: int, vision_hidden: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    heads = 4
+    head_dim = hidden // heads
+    text = dict(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]})
+    vision = dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+                  out_hidden_size=hidden, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
+                  window_size=PATCH * MERGE * 4, fullatt_block_indexes=[1], in_channels=3)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def token_labels(scene) -> np.ndarray:
+    """(256, 3) per merged visual token: colour (0 = none), shape (0 = none), size (0 = none) of the object
+    covering at least a quarter of the token's 8 x 8 px cell."""
+    lm = label_map(scene)
+    s = PATCH * MERGE
+    blocks = lm.reshape(TOKENS_SIDE, s, TOKENS_SIDE, s).transpose(0, 2, 1, 3).reshape(-1, s * s)
+    out = np.zeros((blocks.shape[0], 3), dtype=np.int64)
+    colours, sizes = list(COLOURS), list(SIZES)
+    for t, blk in enumerate(blocks):
+        vals, cnt = np.unique(blk[blk > 0], return_counts=True)
+        if len(vals) and cnt.max() >= s * s // 4:
+            o = scene.objects[int(vals[cnt.argmax()]) - 1]
+            out[t] = (colours.index(o.colour) + 1, SHAPES.index(o.shape) + 1, sizes.index(o.size) + 1)
+    return out
+
+
+class Batcher:
+    """Builds training / evaluation batches through the loader's processor class (left padding)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.proc.tokenizer.padding_side = "left"
+
+    def prompt_text(self, prompt: str) -> str:
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, items):
+        """items: list of (image, question, scene) -> (batch, labels (B, N), aux (B, 256, 3))."""
+        tok = self.proc.tokenizer
+        texts = [self.prompt_text(q["prompt"]) + q["answer"] + "<|im_end|>" for _, q, _ in items]
+        batch = self.proc(images=[im for im, _, _ in items], text=texts, padding=True, return_tensors="pt")
+        batch.pop("token_type_ids", None)
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, (_, q, _) in enumerate(items):
+            n_ans = len(tok(q["answer"], add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+            labels[i, -n_ans:] = batch["input_ids"][i, -n_ans:]
+        aux = torch.from_numpy(np.stack([token_labels(s) for _, _, s in items]))
+        return batch, labels, aux
+
+
+def answer_logits_correct(logits, labels):
+    """(B,) bool: every answer token (and <|im_end|>) is the argmax given the gold prefix == greedy exact match."""
+    pred = logits[:, :-1].argmax(-1)
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    return ((pred == tgt) | ~mask).all(-1)
+
+
+def forward(model, head, batch, labels, aux, aux_weight):
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["emb"] = kwargs.get("inputs_embeds")
+
+    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = model(**batch, use_cache=False)
+    finally:
+        h.remove()
+    logits = out.logits.float()
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100)
+    aux_loss = torch.zeros((), device=logits.device)
+    if aux_weight > 0:
+        vis = batch["input_ids"] == model.config.image_token_id
+        emb = captured["emb"][vis].reshape(aux.shape[0], aux.shape[1], -1)
+        pred = head(emb.float())
+        parts = torch.split(pred, [len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1], dim=-1)
+        aux_loss = sum(torch.nn.functional.cross_entropy(p.reshape(-1, p.shape[-1]), aux[..., k].reshape(-1))
+                       for k, p in enumerate(parts)) / 3
+    return lm, aux_loss, answer_logits_correct(logits, labels)
+
+
+@torch.no_grad()
+def evaluate(model, batcher, n: int, device, bs: int = 50) -> dict:
+    model.eval()
+    per: dict[str, list[int]] = {t: [] for t in QTYPES}
+    for s in range(0, n, bs):
+        items = [sample(HELDOUT_SEED, i) for i in range(s, min(n, s + bs))]
+        batch, labels, _ = batcher(items)
+        out = model(**batch.to(device), use_cache=False)
+        ok = answer_logits_correct(out.logits.float(), labels.to(device)).tolist()
+        for (_, q, _), o in zip(items, ok, strict=True):
+            per[q["qtype"]].append(int(o))
+    model.train()
+    allv = [v for vs in per.values() for v in vs]
+    res = {"n": len(allv), "accuracy": sum(allv) / len(allv)}
+    res.update({f"acc_{t}": (sum(v) / len(v) if v else None) for t, v in per.items()})
+    return res
+
+
+def save(model, tok, improc, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    improc.save_pretrained(out)
+    pre = out / "preprocessor_config.json"
+    data = json.loads(pre.read_text())
+    data["processor_class"] = "Qwen2_5_VLProcessor"
+    pre.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+
+
+def report(args) -> int:
+    """Held-out figures of the saved model through the public loading path (what the issue asks for)."""
+    import tempfile
+
+    from schedsearch.calibration import load_manifest
+    from schedsearch.models import load_model
+    from schedsearch.toy import write_dataset
+    from schedsearch.toy.eval import accuracy, random_drop_schedule
+
+    adapter = load_model(args.out)
+    res: dict = {"model": args.out, "heldout_seed": HELDOUT_SEED, "n": args.final_eval_n}
+    with tempfile.TemporaryDirectory() as d:
+        write_dataset(d, args.final_eval_n, seed=HELDOUT_SEED)
+        samples = load_manifest(d)
+        t = time.time()
+        res["unpruned"] = accuracy(adapter, samples, batch_size=50)
+        res["unpruned_seconds"] = round(time.time() - t, 1)
+        for after in (2, 3):
+            sched = random_drop_schedule(adapter, keep=0.1, after_layer=after, seed=0)
+            res[f"random_keep0.1_from_layer{after}"] = accuracy(adapter, samples, schedule=sched, batch_size=50)
+    for v in res.values():
+        if isinstance(v, dict):
+            v.pop("predictions", None)
+    base = res["unpruned"]["overall"]
+    for k in ("random_keep0.1_from_layer2", "random_keep0.1_from_layer3"):
+        res[k]["drop_points"] = round(100 * (base - res[k]["overall"]), 2)
+    out = Path(f"{args.log}.heldout.json")
+    out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(res, indent=1, sort_keys=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--curriculum", type=int, default=300, help="steps with at most 2 objects per scene")
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-visual-token auxiliary loss")
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vision-hidden", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=400)
+    ap.add_argument("--final-eval-n", type=int, default=1000)
+    ap.add_argument("--probe", type=int, default=0, help="time this many steps and exit")
+    ap.add_argument("--out", default="schedsearch/toy/model")
+    ap.add_argument("--log", default="studies/results/train_toy")
+    ap.add_argument("--time-limit", type=float, default=75 * 60, help="stop training after this many seconds")
+    ap.add_argument("--report", action="store_true",
+                    help="no training: load the shipped model through load_model(DIR) and write held-out accuracy "
+                         "(greedy generation, per type / region), unpruned and with a random 90%% drop after layer 2")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.report:
+        return report(args)
+    torch.manual_seed(args.seed)
+    from schedsearch.models.qwen_vl import QwenImageProcessor
+
+    tok, improc = build_tokenizer(), build_image_processor()
+    proc = QwenImageProcessor(tok, improc, chat_template=QWEN_TEMPLATE)
+    batcher = Batcher(proc)
+    device = torch.device(args.device)
+    model = build_model(tok, args.hidden, args.layers, args.vision_hidden).to(device).train()
+    head = torch.nn.Linear(args.hidden, len(COLOURS) + len(SHAPES) + len(SIZES) + 3).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    total = args.probe or args.steps
+
+    t0 = time.time()
+
+    def lr_at(step):
+        """Linear warm-up, then cosine to 5 %; progress is the larger of steps done and time used, so the
+        decay also completes when a slow machine hits --time-limit first."""
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        prog = max((step - args.warmup) / max(1, total - args.warmup), (time.time() - t0) / args.time_limit)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    csv = None if args.probe else open(f"{log}.csv", "w")
+    if csv:
+        csv.write("step,loss,aux_loss,train_acc,lr,max_objects,seconds\n")
+    idx = 0
+    gen_t = 0.0
+    for step in range(total):
+        max_obj = 2 if step < args.curriculum else (4 if step < 2 * args.curriculum else 6)
+        tg = time.time()
+        items = [sample(TRAIN_SEED, idx + i, max_objects=max_obj) for i in range(args.batch)]
+        idx += args.batch
+        batch, labels, aux = batcher(items)
+        gen_t += time.time() - tg
+        lr = lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        lm, aux_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device), args.aux)
+        loss = lm + args.aux * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        el = time.time() - t0
+        if csv:
+            csv.write(f"{step},{lm.item():.4f},{aux_loss.item():.4f},{ok.float().mean().item():.4f},{lr:.6f},"
+                      f"{max_obj},{el:.1f}\n")
+        if step % 25 == 0 or args.probe:
+            print(f"step {step} loss {lm.item():.3f} aux {aux_loss.item():.3f} acc {ok.float().mean().item():.2f} "
+                  f"{el:.0f}s ({el / (step + 1):.2f} s/step, data {gen_t / (step + 1):.2f})", flush=True)
+            if csv:
+                csv.flush()
+        if not args.probe and args.eval_every and (step + 1) % args.eval_every == 0:
+            ev = evaluate(model, batcher, args.eval_n, device)
+            ev.update(step=step + 1, seconds=round(time.time() - t0, 1))
+            print("eval", json.dumps(ev), flush=True)
+            with open(f"{log}.eval.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
+            save(model.cpu(), tok, improc, Path(args.out))  # checkpoint: a killed run still leaves a model
+            model.to(device)
+        if el > args.time_limit:
+            print(f"time limit reached at step {step + 1}", flush=True)
+            break
+    if args.probe:
+        return 0
+    save(model.cpu(), tok, improc, Path(args.out))
+    model.to(device)
+    ev = evaluate(model, batcher, args.final_eval_n, device)
+    ev.update(step=step + 1, seconds=round(time.time() - t0, 1), final=True)
+    print("final", json.dumps(ev), flush=True)
+    with open(f"{log}.eval.jsonl", "a") as f:
+        f.write(json.dumps(ev) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
