@@ -289,6 +289,15 @@ def test_ui_serves_runs(store):
                 assert proc.poll() is None and time.time() < deadline
                 time.sleep(0.5)
         assert [r["info"]["run_id"] for r in runs] == [rid]
+        with warnings.catch_warnings():  # the same server as a tracking URI: no fallback, runs land there
+            warnings.simplefilter("error", TrackingWarning)
+            remote = Tracker(f"http://127.0.0.1:{port}", experiment="remote")
+        assert not remote.fell_back
+        with remote:
+            prid = remote.start_study("remote", {"a": 1})
+            remote.log_trial(0, {"x": 0.5}, {"value": 0.25})
+        (kid,) = _children(remote, prid)
+        assert kid.data.metrics["value"] == 0.25 and remote.client.get_run(prid).info.status == "FINISHED"
     finally:
         proc.terminate()
         proc.wait(timeout=20)
