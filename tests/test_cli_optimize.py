@@ -54,3 +54,68 @@ def test_real_model_without_weights(tmp_path, manifest):
     rc, errs, raw = _run(["--model", "qwen2.5-vl", "--budget", "0.2", "--calibration", str(manifest)], tmp_path)
     assert rc != 0 and len(errs) == 1, raw
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in errs[0] and "download" in errs[0], errs
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_dir):
+    return tiny_dir("qwen2_5_vl")
+
+
+@pytest.mark.slow
+def test_end_to_end_ctrl_c_and_resume(tmp_path, manifest, tiny_model_dir):
+    """optimize writes a valid schedule; SIGINT keeps finished trials and closes the MLflow run as KILLED;
+    --resume continues the same study under the same parent run."""
+    import os
+    import signal
+    import time
+
+    import optuna
+    from mlflow import MlflowClient
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    base = [sys.executable, "-m", "schedsearch", "optimize", "--model", str(tiny_model_dir), "--calibration",
+            str(manifest), "--budget", "0.8", "--sampler", "random", "--study", "s1"]
+    storage = f"sqlite:///{tmp_path}/.schedsearch/studies.db"
+    proc = subprocess.Popen([*base, "--trials", "100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and done < 3:
+        time.sleep(0.5)
+        try:
+            st = optuna.load_study(study_name="s1", storage=storage)
+            done = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and "interrupted" in errs[0] and "--resume" in errs[0]
+    assert "Traceback" not in err
+    st = optuna.load_study(study_name="s1", storage=storage)
+    kept = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    assert kept >= 3
+    assert not (tmp_path / "schedules").exists()  # nothing half-written
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("schedsearch")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parents] == ["KILLED"]
+
+    res = subprocess.run([*base, "--trials", str(kept + 2), "--resume"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    st = optuna.load_study(study_name="s1", storage=storage)
+    assert len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]) == kept + 2
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) >= kept + 2
+    out_file = tmp_path / "schedules" / "s1.json"
+    assert out_file.is_file()
+    from schedsearch.schedule import load_schedule
+
+    sched = load_schedule(out_file)
+    assert sched.budget.achieved <= 0.8 and sched.provenance.study == "s1"
+    assert sched.provenance.mlflow_run_id == parents[0].info.run_id

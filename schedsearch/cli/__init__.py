@@ -22,20 +22,47 @@ app = typer.Typer(
 )
 
 
+# set by progress displays that leave a line open with "\r"; errors first close that line
+PARTIAL_LINE = {"open": False}
+
+
+def _fail(message: str) -> None:
+    if PARTIAL_LINE["open"]:
+        sys.stderr.write("\n")
+        PARTIAL_LINE["open"] = False
+    print(message, file=sys.stderr)
+
+
 def _register() -> None:
     from schedsearch.cli import baseline, evaluate, library, optimize, ui, validate  # noqa: F401  (each adds commands)
+
+
+def _one_line_warnings() -> None:
+    """schedsearch's own warnings (tracking fallback, schedule version/compatibility) print as one line."""
+    import warnings
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if category.__module__.startswith("schedsearch"):
+            _fail(f"warning: {' '.join(str(message).split())}")
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns the exit code instead of raising SystemExit when called in-process."""
     _register()
+    _one_line_warnings()
     try:
         app(args=argv, standalone_mode=False)
     except SchedsearchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _fail(f"error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _fail("error: interrupted")
         return 130
     except typer.Exit as exc:  # raised by commands that set their own exit code
         return exc.exit_code

@@ -45,11 +45,15 @@ class _Progress:
         val = "-" if trial.value is None else f"{trial.value:.5f}"
         width = 24
         fill = int(width * min(done, self.total) / max(1, self.total))
+        from schedsearch.cli import PARTIAL_LINE
+
         sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] trial {done}/{self.total} value {val} "
                          f"best {best} ({time.perf_counter() - self.t0:.0f}s)")
-        sys.stderr.flush()
+        PARTIAL_LINE["open"] = True
         if done >= self.total:
             sys.stderr.write("\n")
+            PARTIAL_LINE["open"] = False
+        sys.stderr.flush()
 
 
 @app.command()

@@ -53,8 +53,32 @@ def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_
     })
 
 
+class Interrupted(SchedsearchError):
+    """Ctrl-C during a study: finished trials are in the storage, the tracking run is closed as KILLED."""
+
+    exit_code = 130
+
+
 def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = None,
                  echo: Callable[[str], None] = print) -> Any:
+    try:
+        return _run_optimize(s, resume=resume, progress=progress, echo=echo)
+    except KeyboardInterrupt:
+        import optuna
+
+        storage = s.get("storage") or "sqlite:///.schedsearch/studies.db"
+        name = s.get("study") or _study_name(s)
+        try:
+            st = optuna.load_study(study_name=name, storage=storage)
+            done = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
+        except Exception:  # noqa: BLE001 - interrupted before the study existed
+            done = 0
+        raise Interrupted(f"interrupted: {done} finished trial(s) kept in {storage} (study {name!r}); "
+                          "continue with the same command plus --resume") from None
+
+
+def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = None,
+                  echo: Callable[[str], None] = print) -> Any:
     from schedsearch.calibration import load_manifest
     from schedsearch.models import load_model
     from schedsearch.search.objective import Objective
@@ -76,6 +100,9 @@ def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = N
         Path(".schedsearch").mkdir(exist_ok=True)
         settings.storage = "sqlite:///.schedsearch/studies.db"
     settings.study_name = settings.study_name or _study_name(s)
+    from schedsearch.search.optimize import check_study_name
+
+    check_study_name(settings)  # before loading anything or opening a tracking run
 
     calib = Path(s["calibration"]) if s.get("calibration") else _default_calibration(str(s["model"]))
     samples = load_manifest(calib)
@@ -104,7 +131,11 @@ def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = N
         except KeyError:
             pass
     run_id = tracker.start_study(settings.study_name, params, run_id=run_id)
-    callbacks = [optuna_callback(tracker)] + ([progress] if progress else [])
+    def remember_run(study: Any, trial: Any) -> None:  # so an interrupted study resumes under the same run
+        if study.user_attrs.get("mlflow_run_id") != run_id:
+            study.set_user_attr("mlflow_run_id", run_id)
+
+    callbacks = [remember_run, optuna_callback(tracker)] + ([progress] if progress else [])
     with tracker:
         if s["method"] == "gsearch":
             result = _run_gsearch(settings, obj, s, callbacks)

@@ -105,6 +105,21 @@ def _context(obj: Objective, settings: StudySettings) -> SearchContext:
                          target=float(settings.budget), kind=settings.kind, scorer=dict(settings.scorer))
 
 
+def check_study_name(settings: StudySettings) -> None:
+    """Refuse to silently append to an existing study: that needs --resume (or another --study name)."""
+    import optuna
+
+    if not settings.storage or settings.resume or not settings.study_name:
+        return
+    try:
+        existing = optuna.study.get_all_study_names(settings.storage)
+    except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
+        raise SearchError(f"cannot open study storage {settings.storage!r}: {err}") from err
+    if settings.study_name in existing:
+        raise SearchError(f"study {settings.study_name!r} already exists in {settings.storage}: "
+                          "continue it with --resume or pick another --study name")
+
+
 def feasible_range(obj: Objective, kind: str) -> tuple[float, float]:
     """Smallest achievable budget (every visual token dropped before layer 0) and 1.0."""
     fn = obj.budget_fn(kind)
@@ -147,15 +162,8 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if settings.storage and not settings.resume and settings.study_name:
-        try:
-            existing = optuna.study.get_all_study_names(settings.storage)
-        except Exception as err:  # noqa: BLE001
-            raise SearchError(f"cannot open study storage {settings.storage!r}: {err}") from err
-        if settings.study_name in existing:
-            raise SearchError(f"study {settings.study_name!r} already exists in {settings.storage}: "
-                              "continue it with --resume or pick another --study name")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
+    check_study_name(settings)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(settings.sampler, settings.seed),
                                 storage=settings.storage, study_name=settings.study_name,
                                 load_if_exists=settings.resume)
@@ -236,7 +244,7 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         return value, b["achieved"]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
     sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
         optuna.samplers.NSGAIISampler(seed=settings.seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=settings.storage,
