@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:  # click usage errors in standalone_mode=False still end here
         return int(exc.code or 0)
-    except Exception as exc:  # click.UsageError and friends
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("error: aborted", file=sys.stderr)
+    except Exception as exc:  # usage errors of the click that typer vendors (typer._click) or of plain click
+        fmt = getattr(exc, "format_message", None)
+        if callable(fmt) and hasattr(exc, "exit_code"):
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            _fail(f"error: {' '.join(fmt().split())}{where}")
+            return int(exc.exit_code) or 2
+        if type(exc).__name__ == "Abort":
+            _fail("error: aborted")
             return 130
         raise
     return 0

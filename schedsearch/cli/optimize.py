@@ -38,11 +38,15 @@ class _Progress:
 
     def __call__(self, study: Any, trial: Any) -> None:
         done = len([t for t in study.trials if t.state.is_finished()])
-        try:
-            best = f"{study.best_value:.5f}"
-        except ValueError:
-            best = "-"
-        val = "-" if trial.value is None else f"{trial.value:.5f}"
+        values = trial.values or []
+        val = "-" if not values else "/".join(f"{v:.5f}" for v in values)
+        if len(study.directions) > 1:
+            best = f"front of {len(study.best_trials)}"
+        else:
+            try:
+                best = f"{study.best_value:.5f}"
+            except ValueError:
+                best = "-"
         width = 24
         fill = int(width * min(done, self.total) / max(1, self.total))
         from schedsearch.cli import PARTIAL_LINE
@@ -60,7 +64,8 @@ class _Progress:
 def optimize(
     model: str | None = typer.Option(None, "--model", "-m", help="Alias, directory or hub id (default: toy)."),
     calibration: Path | None = typer.Option(None, "--calibration", "-c", help="Manifest or directory."),
-    budget: float | None = typer.Option(None, "--budget", "-b", help="Kept fraction, e.g. 0.2 (required)."),
+    budget: str | None = typer.Option(None, "--budget", "-b",
+                                      help="Kept fraction, e.g. 0.2 (required); with --pareto a list: 0.1,0.2,0.3"),
     budget_kind: str | None = typer.Option(None, "--budget-kind", help="flops (default), tokens or kv."),
     method: str | None = typer.Option(None, "--method", help="psigmoid (default), pcosine or gsearch."),
     sampler: str | None = typer.Option(None, "--sampler", help="tpe, gp, cmaes, botorch, random, qmc."),
@@ -72,6 +77,8 @@ def optimize(
     storage: str | None = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite file)."),
     study: str | None = typer.Option(None, "--study", help="Study name (default derived from the settings)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study with the same name."),
+    pareto: bool = typer.Option(False, "--pareto",
+                                help="Two-objective study (discrepancy vs budget): one schedule per --budget value."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
     tolerance: float | None = typer.Option(None, "--tolerance",
                                               help="gsearch: cheapest schedule within this discrepancy."),
@@ -83,4 +90,5 @@ def optimize(
                             study=study, tracking_uri=tracking_uri, tolerance=tolerance))
     from schedsearch.search.driver import run_optimize
 
+    s["pareto"] = pareto
     run_optimize(s, resume=resume, progress=_Progress(int(s["trials"])), echo=typer.echo)

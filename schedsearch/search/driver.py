@@ -30,9 +30,24 @@ def _default_calibration(model: str) -> Path:
     return default_calibration_dir()
 
 
+def _parse_budgets(value: Any, pareto: bool) -> list[float]:
+    parts = [p for p in str(value).split(",") if p.strip()]
+    try:
+        budgets = [float(p) for p in parts]
+    except ValueError as err:
+        raise SearchError(f"--budget {value!r} is not a number (or, with --pareto, a comma-separated list)") from err
+    if len(budgets) != 1 and not pareto:
+        raise SearchError(f"--budget {value!r} lists several budgets: add --pareto to get one schedule per budget")
+    if not budgets:
+        raise SearchError("--budget is required, e.g. --budget 0.2")
+    return budgets
+
+
 def _study_name(s: dict) -> str:
     model = Path(str(s["model"])).name or str(s["model"])
-    return f"{model}-{s['method']}-{s['budget_kind']}{s['budget']}-{s['sampler']}-seed{s['seed']}"
+    mode = "pareto-" if s.get("pareto") else ""
+    budget = str(s["budget"]).replace(",", "_")
+    return f"{model}-{mode}{s['method']}-{s['budget_kind']}{budget}-{s['sampler']}-seed{s['seed']}"
 
 
 def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_params: dict, budget: dict,
@@ -85,8 +100,9 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
 
     if s.get("budget") is None:
         raise SearchError("--budget is required, e.g. --budget 0.2 (kept fraction of decoder prefill FLOPs)")
+    budgets = _parse_budgets(s["budget"], bool(s.get("pareto")))
     settings = StudySettings(
-        budget=float(s["budget"]), kind=s["budget_kind"],
+        budget=max(budgets), kind=s["budget_kind"],
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
         sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
         storage=s["storage"], study_name=s["study"], resume=resume,
@@ -137,6 +153,8 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
 
     callbacks = [remember_run, optuna_callback(tracker)] + ([progress] if progress else [])
     with tracker:
+        if s.get("pareto"):
+            return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo)
         if s["method"] == "gsearch":
             result = _run_gsearch(settings, obj, s, callbacks)
         else:
@@ -249,3 +267,41 @@ def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: f
     if trial_s:
         med = sorted(trial_s)[len(trial_s) // 2]
         echo(f"trials: {len(trial_s)}, median trial {med:.2f}s, setup (reference + vision cache) {setup_s:.1f}s")
+
+
+def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None]) -> Any:
+    """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget."""
+    from schedsearch import plots
+    from schedsearch.search.optimize import run_pareto
+
+    if s["method"] == "gsearch":
+        raise SearchError("--pareto works with psigmoid, pcosine and vflow (gsearch is greedy, not a sampler)")
+    res = run_pareto(settings, obj, budgets, callbacks=callbacks)
+    res.study.set_user_attr("mlflow_run_id", run_id)
+    out_dir = Path(s["out"]) if s.get("out") else Path("schedules")
+    echo(f"{'budget':>7} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7}  file")
+    for b in budgets:
+        r = res.per_budget.get(b)
+        if r is None:
+            echo(f"{b:>7} no trial reached this budget: raise --trials")
+            continue
+        cand = r["candidate"]
+        objective = {"name": "1-cos(last token, final norm)", "value": r["search"], "split": "search",
+                     "heldout": r["heldout"]}
+        sched = build_schedule(adapter, cand, s, objective=objective, method_params={**r["params"], **cand.params},
+                               budget={**r["budget"], "kind": settings.kind},
+                               provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
+                                               trial=r["trial"], mlflow_run_id=run_id,
+                                               command="schedsearch optimize --pareto"))
+        out = out_dir / f"{settings.study_name}-{settings.kind}{b}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sched.save(out)
+        tracker.log_artifact_file(out)
+        held = "-" if r["heldout"] is None else f"{r['heldout']:.5f}"
+        echo(f"{b:>7} {r['search']:>13.5f} {held:>15} {r['budget']['flops_ratio']:>7.3f}  {out}")
+    points = [(t.values[0], t.values[1]) for t in res.study.trials if t.values]
+    tracker.log_figure(plots.pareto_plot(points, budgets=budgets), "pareto_front.png")
+    tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
+                        {"budgets": ",".join(str(b) for b in budgets)})
+    return res

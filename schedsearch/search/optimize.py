@@ -167,7 +167,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
     study = optuna.create_study(direction="minimize", sampler=make_sampler(settings.sampler, settings.seed),
                                 storage=settings.storage, study_name=settings.study_name,
                                 load_if_exists=settings.resume)
-    done = len([t for t in study.trials if t.state.is_finished()])
+    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])  # --trials = completed
     remaining = max(0, settings.trials - done)
     if remaining:
         study.optimize(objective, n_trials=remaining, timeout=settings.timeout, callbacks=list(callbacks),
@@ -249,7 +249,7 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
         optuna.samplers.NSGAIISampler(seed=settings.seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=settings.storage,
                                 study_name=settings.study_name, load_if_exists=settings.resume)
-    done = len([t for t in study.trials if t.state.is_finished()])
+    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])  # --trials = completed
     if settings.trials - done > 0:
         study.optimize(objective, n_trials=settings.trials - done, timeout=settings.timeout,
                        callbacks=list(callbacks), catch=(InfeasibleBudget,))
