@@ -34,10 +34,12 @@ class _Progress:
 
     def __init__(self, total: int):
         self.total = total
+        self.done = 0
         self.t0 = time.perf_counter()
 
     def __call__(self, study: Any, trial: Any) -> None:
-        done = len([t for t in study.trials if t.state.is_finished()])
+        self.done += 1  # trials of this invocation (a resumed study has earlier ones too)
+        done = self.done
         values = trial.values or []
         val = "-" if not values else "/".join(f"{v:.5f}" for v in values)
         if len(study.directions) > 1:

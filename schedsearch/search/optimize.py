@@ -167,11 +167,9 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
     study = optuna.create_study(direction="minimize", sampler=make_sampler(settings.sampler, settings.seed),
                                 storage=settings.storage, study_name=settings.study_name,
                                 load_if_exists=settings.resume)
-    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])  # --trials = completed
-    remaining = max(0, settings.trials - done)
-    if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, callbacks=list(callbacks),
-                       catch=(InfeasibleBudget,))
+    # --trials = trials this invocation runs (Optuna's CLI semantics): --resume adds N, N workers add N each
+    study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
+                   catch=(InfeasibleBudget,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise SearchError("no trial finished: nothing to write (raise --trials or --timeout)")
@@ -249,10 +247,8 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
         optuna.samplers.NSGAIISampler(seed=settings.seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=settings.storage,
                                 study_name=settings.study_name, load_if_exists=settings.resume)
-    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])  # --trials = completed
-    if settings.trials - done > 0:
-        study.optimize(objective, n_trials=settings.trials - done, timeout=settings.timeout,
-                       callbacks=list(callbacks), catch=(InfeasibleBudget,))
+    study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
+                   catch=(InfeasibleBudget,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     per_budget: dict[float, dict] = {}
     for b in sorted(budgets):
