@@ -15,17 +15,32 @@ app.add_typer(library_app, name="library")
 @app.command()
 def export(
     schedule: Path = typer.Argument(..., help="Schedule JSON file."),
-    to: str = typer.Option("library", "--to", help="library (the on-disk schedule library)."),
+    to: str = typer.Option("library", "--to", help="library (on-disk schedule library) or mlflow (model registry)."),
     home: Path | None = typer.Option(None, "--home", help="Library folder (default $SCHEDSEARCH_HOME/library)."),
+    name: str | None = typer.Option(None, "--name", help="--to mlflow: registered model name."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="--to mlflow: base model reference to serve (default: the schedule's)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="--to mlflow: MLflow tracking URI."),
 ) -> None:
-    """Store a schedule where runtimes pick it up: `apply_schedule(model, budget=0.2)`."""
+    """Store a schedule where runtimes pick it up (library) or register a servable MLflow model (mlflow)."""
     from schedsearch.library import Library, LibraryError
     from schedsearch.schedule import load_schedule
 
-    if to != "library":
-        raise LibraryError(f"--to {to!r} is not available: use --to library")
-    entry = Library(home).add(load_schedule(schedule))
-    typer.echo(f"stored {entry.id} in {entry.path.parent.parent.parent}")
+    sched = load_schedule(schedule)
+    if to == "library":
+        entry = Library(home).add(sched)
+        typer.echo(f"stored {entry.id} in {entry.path.parent.parent.parent}")
+        return
+    if to == "mlflow":
+        from schedsearch.serving import register
+
+        ref = model or sched.model.name
+        reg_name = name or f"schedsearch-{sched.model.family}-{sched.budget.kind}{sched.budget.requested:g}"
+        reg_name, version = register(str(schedule), reg_name, ref, tracking_uri)
+        typer.echo(f"registered models:/{reg_name}/{version} (base model {ref}); serve it with: "
+                   f"mlflow models serve -m models:/{reg_name}/{version} --env-manager local --host 127.0.0.1")
+        return
+    raise LibraryError(f"--to {to!r} is not available: use --to library or --to mlflow")
 
 
 @library_app.command("list")

@@ -1,0 +1,137 @@
+"""Serving a frozen schedule through MLflow: a pyfunc model = base model reference + schedule JSON.
+
+    schedsearch export SCHEDULE --to mlflow --name qwen-flops0.2 [--model M]   # registers a version
+    mlflow models serve -m models:/qwen-flops0.2/1 --env-manager local --host 127.0.0.1 --port 5001
+
+Request (MLflow's scoring protocol)::
+
+    POST /invocations
+    {"dataframe_records": [{"prompt": "What is in the top-left corner?", "image": "<base64 PNG/JPEG>"}],
+     "params": {"max_new_tokens": 32}}
+
+``image`` may be replaced by ``images``: a list of base64 images for one prompt. The response is
+``{"predictions": ["generated text", ...]}``, one per record, greedy decoding with the schedule applied.
+
+The base model is NOT copied into the registry: the pyfunc stores its reference (an alias, a
+directory or a hub id, resolved with :func:`schedsearch.models.load_model` on the serving host) and
+the schedule file as an artifact. Together with :mod:`schedsearch.tracking`, this is the only module
+that imports mlflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from schedsearch.errors import SchedsearchError
+
+
+class ServingError(SchedsearchError):
+    """A model that cannot be registered or a request that cannot be served."""
+
+
+def _mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError as err:  # pragma: no cover - depends on extras
+        raise ServingError('MLflow is not installed: pip install "schedsearch[search]"') from err
+    return mlflow
+
+
+def _decode_image(data: str) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            return im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any undecodable payload is one clear error
+        raise ServingError(f"a request image is not a base64-encoded PNG/JPEG ({type(err).__name__})") from err
+
+
+def encode_image(image: Any, fmt: str = "PNG") -> str:
+    """PIL image -> base64 string for the request's ``image`` field."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def generate(adapter: Any, schedule: Any, records: list[dict], max_new_tokens: int = 32) -> list[str]:
+    """Greedy generation with ``schedule`` applied, one record at a time (records may differ in image size)."""
+    import torch
+
+    from schedsearch.runtime import apply_schedule
+
+    tok = adapter.processor.tokenizer if hasattr(adapter.processor, "tokenizer") else adapter.processor
+    out = []
+    for rec in records:
+        imgs = rec.get("images")
+        if imgs is None or (not isinstance(imgs, (list, tuple)) and not hasattr(imgs, "__len__")):
+            imgs = [rec["image"]] if rec.get("image") is not None else []
+        images = [_decode_image(i) if isinstance(i, str) else i for i in imgs]
+        if not isinstance(rec.get("prompt"), str):
+            raise ServingError("every record needs a string 'prompt'")
+        batch = adapter.prepare([images], [rec["prompt"]])
+        with torch.no_grad(), apply_schedule(adapter.model, schedule, adapter=adapter):
+            seq = adapter.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False)
+        out.append(tok.decode(seq[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def _python_model_class() -> type:
+    mlflow = _mlflow()
+
+    class ScheduledVLM(mlflow.pyfunc.PythonModel):
+        """pyfunc: records of prompt + base64 image(s) -> generated text under the frozen schedule."""
+
+        def __init__(self, model_ref: str):
+            self.model_ref = model_ref
+
+        def load_context(self, context: Any) -> None:
+            from schedsearch.models import load_model
+            from schedsearch.schedule import check_compatible, load_schedule
+
+            self.schedule = load_schedule(context.artifacts["schedule"])
+            self.adapter = load_model(self.model_ref)
+            check_compatible(self.schedule, num_layers=self.adapter.num_layers,
+                             fingerprint=self.adapter.fingerprint(), family=self.adapter.family)
+
+        def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+            records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+            return generate(self.adapter, self.schedule, records, int((params or {}).get("max_new_tokens", 32)))
+
+    return ScheduledVLM
+
+
+def register(schedule_path: str, name: str, model_ref: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """Log the pyfunc (schedule as artifact, model reference as state) and register it; returns (name, version)."""
+    import warnings
+
+    mlflow = _mlflow()
+    from mlflow.models import infer_signature
+
+    from schedsearch.schedule import load_schedule
+
+    sched = load_schedule(schedule_path)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    example = [{"prompt": "what is in the image?", "image": ""}]
+    import pandas as pd
+
+    signature = infer_signature(pd.DataFrame(example), ["text"], params={"max_new_tokens": 32})
+    cls = _python_model_class()
+    mlflow.set_experiment("schedsearch-serving")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mlflow.start_run(run_name=f"export-{name}") as run:
+            mlflow.set_tags({"schedsearch.model_ref": model_ref, "schedsearch.family": sched.model.family,
+                             "schedsearch.budget": f"{sched.budget.kind}={sched.budget.requested}"})
+            info = mlflow.pyfunc.log_model(name="model", python_model=cls(model_ref),
+                                           artifacts={"schedule": str(schedule_path)}, signature=signature,
+                                           registered_model_name=name)
+    version = getattr(info, "registered_model_version", None)
+    if version is None:  # older MLflow: look the version up by run id
+        client = mlflow.MlflowClient()
+        version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'")
+                      if v.run_id == run.info.run_id)
+    return name, str(version)
