@@ -64,18 +64,12 @@ def test_gsearch_tolerance_and_budget():
 
 @pytest.fixture(scope="module")
 def qwen_objective(tiny_dir, tmp_path_factory):
-    from schedsearch.calibration import Sample
     from schedsearch.models import load_model
     from schedsearch.search.objective import Objective
-    from schedsearch.testing.tiny import tiny_images
+    from schedsearch.testing.tiny import tiny_samples
 
     ad = load_model(str(tiny_dir("qwen2_5_vl")))
-    d = tmp_path_factory.mktemp("calib")
-    samples = []
-    for i, im in enumerate(tiny_images(8, seed=11)):
-        p = d / f"{i}.png"
-        im.save(p)
-        samples.append(Sample(prompt=f"where is object {i}?", image_paths=(p,)))
+    samples = tiny_samples(tmp_path_factory.mktemp("calib"), 8, seed=11, prompt="where is object {i}?")
     cache = tmp_path_factory.mktemp("cache")
     obj = Objective(ad, samples, heldout_fraction=0.25, seed=0, batch_size=4, cache_dir=cache,
                     calibration_hash="test")

@@ -8,7 +8,7 @@ import torch
 from schedsearch.runtime import apply_schedule
 from schedsearch.runtime.importance import importance_from_attention, patch_entropy
 from schedsearch.search.vflow import solve_stages, stage_ratios
-from schedsearch.testing.tiny import tiny_images
+from schedsearch.testing.tiny import tiny_images, tiny_samples
 
 
 def test_importance_by_hand():
@@ -61,14 +61,9 @@ def test_maps_follow_original_token_order(qwen):
 
 @torch.no_grad()
 def test_live_vision_map_equals_cached_objective(qwen, tmp_path):
-    from schedsearch.calibration import Sample
     from schedsearch.search.objective import Objective
 
-    samples = []
-    for i, im in enumerate(tiny_images(4, seed=9)):
-        p = tmp_path / f"{i}.png"
-        im.save(p)
-        samples.append(Sample(prompt=f"what is at {i}?", image_paths=(p,)))
+    samples = tiny_samples(tmp_path, 4, seed=9, prompt="what is at {i}?")
     obj = Objective(qwen, samples, heldout_fraction=0.0, batch_size=4, vision_maps=True)
     n = qwen.num_layers
     sched = {"keep_ratios": stage_ratios(n, 0.75, 1, 0.5, 3, 0.5),
@@ -87,15 +82,10 @@ def test_live_vision_map_equals_cached_objective(qwen, tmp_path):
 
 def test_vflow_study_runs(qwen, tmp_path):
     pytest.importorskip("optuna")
-    from schedsearch.calibration import Sample
     from schedsearch.search.objective import Objective
     from schedsearch.search.optimize import StudySettings, run_study
 
-    samples = []
-    for i, im in enumerate(tiny_images(6, seed=3)):
-        p = tmp_path / f"{i}.png"
-        im.save(p)
-        samples.append(Sample(prompt=f"count {i}", image_paths=(p,)))
+    samples = tiny_samples(tmp_path, 6, seed=3, prompt="count {i}")
     obj = Objective(qwen, samples, heldout_fraction=0.34, batch_size=4, vision_maps=True)
     res = run_study(StudySettings(budget=0.4, method="vflow", sampler="random", trials=3, seed=0), obj)
     assert res.budget["achieved"] <= 0.4 + 1e-12

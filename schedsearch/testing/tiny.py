@@ -188,3 +188,17 @@ def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", param
         "objective": None, "method": {"name": "manual", "params": {}},
         "provenance": make_provenance().to_dict(),
     })
+
+
+def tiny_samples(folder, n: int, *, seed: int = 0, prompt: str = "what is object {i}?") -> list:
+    """``n`` calibration :class:`~schedsearch.calibration.Sample` objects with images saved under ``folder``."""
+    from schedsearch.calibration import Sample
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, im in enumerate(tiny_images(n, seed=seed)):
+        p = folder / f"{seed}-{i}.png"
+        im.save(p)
+        out.append(Sample(prompt=prompt.format(i=i), image_paths=(p,)))
+    return out
