@@ -40,3 +40,20 @@ def tiny_adapter(request, tiny_dir):
     if fam not in _ADAPTERS:
         _ADAPTERS[fam] = load_model(tiny_dir(fam))
     return _ADAPTERS[fam]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server on 127.0.0.1 (see tests/pg.py), stopped by pg_ctl at the end of the session."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("schedsearch_tests_pg", Path(__file__).with_name("pg.py"))
+    pg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pg)
+    find_pg_bin, start_postgres = pg.find_pg_bin, pg.start_postgres
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    srv = start_postgres(tmp_path_factory.mktemp("pg"))
+    yield srv
+    srv.stop()

@@ -68,6 +68,32 @@ def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_
     })
 
 
+def claim_parent_run(study: Any, storage: str, tracker: Any, name: str, params: dict) -> str:
+    """One MLflow parent run per study, shared by every worker (and by --resume).
+
+    Under a cross-process lock on the study (``pg_advisory_lock`` on PostgreSQL, ``flock`` for sqlite) the
+    worker reads the study's user attr ``mlflow_run_id``: when set it resumes that run, else it creates the
+    parent and stores its id before releasing the lock, so two workers starting at once cannot both create one.
+    The id is re-read afterwards; should another worker have won anyway (a storage without such a lock), this
+    worker deletes its own parent and joins the winner's. Child runs of all workers then land under one parent.
+    """
+    from schedsearch.storage import study_lock
+
+    with study_lock(storage, name):
+        existing = study.user_attrs.get("mlflow_run_id")
+        run_id = tracker.start_study(name, params, run_id=existing)
+        if run_id != existing:
+            study.set_user_attr("mlflow_run_id", run_id)
+    winner = study.user_attrs.get("mlflow_run_id")
+    if winner and winner != run_id:
+        try:
+            tracker.client.delete_run(run_id)
+        except Exception:  # noqa: BLE001 - tracking problems never stop the search
+            pass
+        run_id = tracker.start_study(name, params, run_id=winner)
+    return run_id
+
+
 class Interrupted(SchedsearchError):
     """Ctrl-C during a study: finished trials are in the storage, the tracking run is closed as KILLED."""
 
@@ -83,12 +109,14 @@ def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = N
 
         storage = s.get("storage") or "sqlite:///.schedsearch/studies.db"
         name = s.get("study") or _study_name(s)
+        from schedsearch.storage import make_storage, redact
+
         try:
-            st = optuna.load_study(study_name=name, storage=storage)
+            st = optuna.load_study(study_name=name, storage=make_storage(storage))
             done = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
         except Exception:  # noqa: BLE001 - interrupted before the study existed
             done = 0
-        raise Interrupted(f"interrupted: {done} finished trial(s) kept in {storage} (study {name!r}); "
+        raise Interrupted(f"interrupted: {done} finished trial(s) kept in {redact(storage)} (study {name!r}); "
                           "continue with the same command plus --resume") from None
 
 
@@ -137,16 +165,11 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     params = {k: v for k, v in s.items() if v is not None}
     params.update(study=settings.study_name, storage=settings.storage, calibration_hash=calib_hash,
                   n_search=len(obj.samples["search"]), n_heldout=len(obj.samples["heldout"]))
-    run_id = None
-    if resume:
-        import optuna
+    from schedsearch.search.optimize import open_study
 
-        try:
-            st = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
-            run_id = st.user_attrs.get("mlflow_run_id")
-        except KeyError:
-            pass
-    run_id = tracker.start_study(settings.study_name, params, run_id=run_id)
+    study = open_study(settings, pareto=bool(s.get("pareto")))  # create, or join/continue with --resume
+    run_id = claim_parent_run(study, settings.storage, tracker, settings.study_name, params)
+
     def remember_run(study: Any, trial: Any) -> None:  # so an interrupted study resumes under the same run
         if study.user_attrs.get("mlflow_run_id") != run_id:
             study.set_user_attr("mlflow_run_id", run_id)
@@ -154,11 +177,12 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     callbacks = [remember_run, optuna_callback(tracker)] + ([progress] if progress else [])
     with tracker:
         if s.get("pareto"):
-            return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo)
+            return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
+                                  study)
         if s["method"] == "gsearch":
-            result = _run_gsearch(settings, obj, s, callbacks)
+            result = _run_gsearch(settings, obj, s, callbacks, study)
         else:
-            result = run_study(settings, obj, callbacks=callbacks)
+            result = run_study(settings, obj, callbacks=callbacks, study=study)
         result.study.set_user_attr("mlflow_run_id", run_id)
         trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
                          if t.user_attrs.get("trial_seconds") is not None]
@@ -179,22 +203,20 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     return result
 
 
-def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list) -> Any:
+def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
     """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged."""
-    import optuna
 
     from schedsearch.search.gsearch import GreedySearch
     from schedsearch.search.methods import Candidate
-    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate
+    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, worker_id
 
     ctx = _context(obj, settings)
-    study = optuna.create_study(direction="minimize", storage=settings.storage, study_name=settings.study_name,
-                                load_if_exists=settings.resume)
     bfn = obj.budget_fn(settings.kind)
 
     def evaluate(ratios: list[float]) -> float:
         t0 = time.perf_counter()
         trial = study.ask()
+        trial.set_user_attr("worker", worker_id())
         b = budget_dict(obj, ratios, settings)
         trial.set_user_attr("keep_ratios", ratios)
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
@@ -270,14 +292,14 @@ def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: f
 
 
 def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
-                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None]) -> Any:
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any) -> Any:
     """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget."""
     from schedsearch import plots
     from schedsearch.search.optimize import run_pareto
 
     if s["method"] == "gsearch":
         raise SearchError("--pareto works with psigmoid, pcosine and vflow (gsearch is greedy, not a sampler)")
-    res = run_pareto(settings, obj, budgets, callbacks=callbacks)
+    res = run_pareto(settings, obj, budgets, callbacks=callbacks, study=study)
     res.study.set_user_attr("mlflow_run_id", run_id)
     out_dir = Path(s["out"]) if s.get("out") else Path("schedules")
     echo(f"{'budget':>7} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7}  file")

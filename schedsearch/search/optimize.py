@@ -109,15 +109,54 @@ def check_study_name(settings: StudySettings) -> None:
     """Refuse to silently append to an existing study: that needs --resume (or another --study name)."""
     import optuna
 
+    from schedsearch.storage import make_storage, redact
+
     if not settings.storage or settings.resume or not settings.study_name:
         return
     try:
-        existing = optuna.study.get_all_study_names(settings.storage)
+        existing = optuna.study.get_all_study_names(make_storage(settings.storage))
+    except SchedsearchError:
+        raise
     except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
-        raise SearchError(f"cannot open study storage {settings.storage!r}: {err}") from err
+        raise SearchError(f"cannot open study storage {redact(settings.storage)!r}: {err}") from err
     if settings.study_name in existing:
-        raise SearchError(f"study {settings.study_name!r} already exists in {settings.storage}: "
-                          "continue it with --resume or pick another --study name")
+        raise SearchError(f"study {settings.study_name!r} already exists in {redact(settings.storage)}: "
+                          "continue it with --resume (several workers on one study all pass --resume) "
+                          "or pick another --study name")
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process; stored on each trial (user attr ``worker``) so shared studies say who ran what."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_study(settings: StudySettings, *, pareto: bool = False) -> Any:
+    """Create the study, or load it when ``settings.resume`` (create-or-load: how workers join a shared study).
+
+    ``check_study_name`` has already refused a silent reuse without --resume. Concurrent creation by several
+    workers is safe: Optuna loads the study when another worker created it first.
+    """
+    import optuna
+
+    from schedsearch.storage import make_storage
+
+    if pareto:
+        sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
+            optuna.samplers.NSGAIISampler(seed=settings.seed)
+        kw: dict[str, Any] = {"directions": ["minimize", "minimize"]}
+    else:
+        sampler = make_sampler(settings.sampler, settings.seed)
+        kw = {"direction": "minimize"}
+    storage = make_storage(settings.storage) if settings.storage else None
+    try:
+        return optuna.create_study(sampler=sampler, storage=storage, study_name=settings.study_name,
+                                   load_if_exists=settings.resume, **kw)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SearchError(f"study {settings.study_name!r} already exists: continue it with --resume "
+                          "or pick another --study name") from None
 
 
 def feasible_range(obj: Objective, kind: str) -> tuple[float, float]:
@@ -135,7 +174,12 @@ def budget_dict(obj: Objective, ratios: Sequence[float], settings: StudySettings
 
 
 def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Callable] = (),
-              baselines: Sequence[str] = ("fastv", "pdrop", "uniform")) -> StudyResult:
+              baselines: Sequence[str] = ("fastv", "pdrop", "uniform"), study: Any = None) -> StudyResult:
+    """``study``: an already opened study (``open_study``), e.g. one several workers share; else opened here.
+
+    The winner is the best of ALL completed trials in the study when this invocation's trials are done
+    (other workers' included), so every worker that finishes writes the study's best at that time.
+    """
     import optuna
 
     settings.validate()
@@ -150,6 +194,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
 
     def objective(trial: Any) -> float:
         t0 = time.perf_counter()
+        trial.set_user_attr("worker", worker_id())
         cand = method.suggest(trial, ctx)
         b = budget_dict(obj, cand.ratios, settings)
         trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
@@ -163,10 +208,9 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         return value
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
-    check_study_name(settings)
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(settings.sampler, settings.seed),
-                                storage=settings.storage, study_name=settings.study_name,
-                                load_if_exists=settings.resume)
+    if study is None:
+        check_study_name(settings)
+        study = open_study(settings)
     # --trials = trials this invocation runs (Optuna's CLI semantics): --resume adds N, N workers add N each
     study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
                    catch=(InfeasibleBudget,))
@@ -202,7 +246,7 @@ class ParetoResult:
 
 
 def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float], *,
-               callbacks: Sequence[Callable] = ()) -> ParetoResult:
+               callbacks: Sequence[Callable] = (), study: Any = None) -> ParetoResult:
     """One two-objective study (discrepancy, achieved budget) -> one schedule per requested budget.
 
     The budget becomes a searched parameter ``target`` in [feasible minimum, max(budgets)]; each trial
@@ -232,6 +276,7 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
 
     def objective(trial: Any) -> tuple[float, float]:
         t0 = time.perf_counter()
+        trial.set_user_attr("worker", worker_id())
         target = trial.suggest_float("target", lo + 1e-9, hi)
         cand = method.suggest(trial, ctx_for(target))
         b = budget_dict(obj, cand.ratios, settings)
@@ -243,10 +288,8 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
         return value, b["achieved"]
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
-    sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
-        optuna.samplers.NSGAIISampler(seed=settings.seed)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=settings.storage,
-                                study_name=settings.study_name, load_if_exists=settings.resume)
+    if study is None:
+        study = open_study(settings, pareto=True)
     study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
                    catch=(InfeasibleBudget,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

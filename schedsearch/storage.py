@@ -1,0 +1,175 @@
+"""Optuna study storage from a URL, for one user (sqlite) or many workers (PostgreSQL or another RDB).
+
+- ``sqlite:///...`` stays a plain URL string (one machine, no heartbeat): Optuna builds its storage.
+- Any other RDB URL (``postgresql://user:pw@host:port/db``) becomes an
+  ``optuna.storages.RDBStorage`` with a heartbeat: each running trial records a heartbeat every
+  ``SCHEDSEARCH_HEARTBEAT`` seconds (default 10); a trial whose heartbeat is older than
+  ``SCHEDSEARCH_GRACE`` seconds (default 30) belongs to a dead worker and is marked FAIL by the next
+  worker that starts a trial, and Optuna's retry callback (``RetryHeartbeatStaleTrialCallback``, formerly
+  ``RetryFailedTrialCallback``) re-enqueues it (at most
+  ``SCHEDSEARCH_MAX_RETRY`` times, default 2) so another worker re-runs the same parameters.
+- ``postgresql://`` picks the installed driver: psycopg2 if present, else psycopg 3.
+- A storage that cannot be reached is one line (``SchedsearchError``) naming the URL with the password hidden.
+
+``study_lock(url, study)`` is a cross-process lock used for the few read-modify-write steps on a shared
+study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, ``flock`` next to a sqlite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from schedsearch.errors import SchedsearchError
+
+
+class StorageError(SchedsearchError):
+    """The study storage cannot be opened or reached."""
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    heartbeat_s: int = 10
+    grace_s: int = 30
+    max_retry: int = 2
+
+    @classmethod
+    def from_env(cls) -> HeartbeatSettings:
+        def get(name: str, default: int, lo: int) -> int:
+            raw = os.environ.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                v = int(raw)
+            except ValueError:
+                raise StorageError(f"{name}={raw!r} is not a whole number of seconds/retries") from None
+            if v < lo:
+                raise StorageError(f"{name}={v} must be >= {lo}")
+            return v
+
+        hb = get("SCHEDSEARCH_HEARTBEAT", cls.heartbeat_s, 1)
+        grace = get("SCHEDSEARCH_GRACE", max(cls.grace_s, 2 * hb), 1)
+        if grace <= hb:
+            raise StorageError(f"SCHEDSEARCH_GRACE={grace} must be larger than SCHEDSEARCH_HEARTBEAT={hb}")
+        return cls(hb, grace, get("SCHEDSEARCH_MAX_RETRY", cls.max_retry, 0))
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparsable: hide everything between ':' and '@' of the netloc
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            cred, host = rest.rsplit("@", 1)
+            return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+        return url
+
+
+def is_shared(url: str | None) -> bool:
+    """True for a storage that several machines can share (any RDB except sqlite)."""
+    return bool(url) and not str(url).startswith("sqlite") and "://" in str(url)
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://`` with the driver that is installed (SQLAlchemy's default is psycopg2)."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            try:
+                import psycopg2  # noqa: F401
+            except ImportError:
+                try:
+                    import psycopg  # noqa: F401
+                except ImportError:
+                    raise StorageError(
+                        f"{redact(url)} needs a PostgreSQL driver: pip install \"psycopg[binary]\" "
+                        "(or psycopg2-binary)") from None
+                return "postgresql+psycopg://" + url[len(plain):]
+            return "postgresql://" + url[len(plain):]
+    return url
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def make_storage(url: str, hb: HeartbeatSettings | None = None) -> Any:
+    """The storage ``optuna.create_study`` / ``load_study`` get for ``url`` (see the module docstring)."""
+    if not is_shared(url):
+        return url
+    import optuna
+
+    hb = hb or HeartbeatSettings.from_env()
+    key = (url, hb)
+    if key in _CACHE:
+        return _CACHE[key]
+    import warnings
+
+    # Optuna 4.9+ names the retry callback RetryHeartbeatStaleTrialCallback (the old RetryFailedTrialCallback
+    # is a deprecated alias); both mark a retry with system attrs "failed_trial" / "retry_history".
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            if retry_cls is not None:
+                storage = optuna.storages.RDBStorage(
+                    driver_url(url), engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
+                    heartbeat_stale_trial_callback=retry_cls(max_retry=hb.max_retry))
+            else:  # Optuna < 4.9
+                storage = optuna.storages.RDBStorage(
+                    driver_url(url), engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=hb.max_retry))
+    except SchedsearchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - connection refused, bad credentials, unknown database...
+        raise StorageError(f"cannot open study storage {redact(url)}: {_one_line(err)}") from None
+    _CACHE[key] = storage
+    return storage
+
+
+@contextlib.contextmanager
+def study_lock(url: str, study: str) -> Iterator[None]:
+    """Hold a cross-process lock named after ``study`` for a read-modify-write on the shared study."""
+    if url.startswith("sqlite:///"):
+        import fcntl
+
+        path = url[len("sqlite:///"):]
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.{hashlib.sha1(study.encode()).hexdigest()[:12]}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if not url.startswith(("postgresql", "postgres://")):
+        yield  # other RDBs: the caller's set-then-re-read still resolves the race
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha1(f"schedsearch:{study}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
