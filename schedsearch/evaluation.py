@@ -150,3 +150,30 @@ def evaluate_schedule(adapter: Any, schedule: Any, samples: Sequence[Any], *, ba
         prefill_ms_unpruned=t_full,
         prefill_ms_pruned=t_pruned,
     )
+
+
+@torch.no_grad()
+def survival_grid(adapter: Any, schedule: Any, images: list, prompt: str) -> Any:
+    """(H, W) float grid over the first image's visual tokens: the fraction of decoder layers each token
+    survives under ``schedule`` (1 = never dropped). For the kept-token overlay plot. Returns None when
+    the first image's tokens do not form a full row/col grid (e.g. LLaVA-NeXT's mixed-resolution layout)."""
+    import numpy as np
+
+    batch = adapter.prepare([list(images)], [prompt])
+    vis_pos = adapter.visual_mask(batch["input_ids"])[0].nonzero().squeeze(1)
+    n_layers = adapter.num_layers
+    with apply_schedule(adapter.model, schedule, adapter=adapter) as handle:
+        adapter.model(**batch, use_cache=False, logits_to_keep=1)
+        kept = {l: idx[0] for l, idx in handle.kept_indices.items()}
+    alive = torch.ones(n_layers, len(vis_pos))
+    for l, idx in kept.items():
+        alive[l] = torch.isin(vis_pos, idx).float()
+    frac = alive.mean(0).numpy()
+    coords = adapter.visual_coords(batch)[0].cpu().numpy()
+    first = coords[:, 0] == 0
+    rows, cols = np.unique(coords[first, 1]), np.unique(coords[first, 2])
+    if len(rows) * len(cols) != int(first.sum()):
+        return None
+    grid = np.zeros((len(rows), len(cols)))
+    grid[np.searchsorted(rows, coords[first, 1]), np.searchsorted(cols, coords[first, 2])] = frac[first]
+    return grid

@@ -245,3 +245,20 @@ def test_apply_without_adapter(tiny_adapter):
     with apply_schedule(ad.model, sched):
         got = ad.model(**batch).logits
     assert torch.equal(want, got)
+
+
+def test_survival_grid(tiny_adapter):
+    from schedsearch.evaluation import survival_grid
+
+    ad = tiny_adapter
+    img = tiny_images(1, seed=1)[0]
+    n = ad.num_layers
+    grid = survival_grid(ad, _sched(n, [1.0] + [0.5] * (n - 1)), [img], "where?")
+    if ad.family == "llava_next":
+        assert grid is None  # base + high-res layout is not one grid
+        return
+    v = int(ad.visual_mask(_batch(ad, ["where?"])["input_ids"])[0].sum())
+    assert grid.size == v
+    # layer 0 keeps everything; from layer 1 half: survivors 1.0, the rest 1/n
+    assert sorted(set(grid.flatten().round(6))) == sorted({1.0, round(1 / n, 6)})
+    assert int((grid == 1.0).sum()) == round(0.5 * v)

@@ -265,6 +265,15 @@ def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any,
     values = [t.value for t in result.study.trials if t.value is not None]
     if values:
         tracker.log_figure(plots.history_plot(values), "optimization_history.png")
+    from schedsearch.evaluation import survival_grid
+
+    sample = obj.samples["search"][0] if obj.samples["search"] else None
+    if sample is not None:
+        grid = survival_grid(adapter, sched, sample.images, sample.prompt)
+        if grid is not None:
+            tracker.log_figure(plots.overlay_plot(sample.images[0], grid,
+                                                 title="fraction of layers each visual token survives"),
+                               "kept_tokens_overlay.png")
     metrics = {"best_search": result.search_value, **{f"budget_{k}": v for k, v in result.budget.items()
                                                       if isinstance(v, float)}}
     if result.heldout_value is not None:
