@@ -105,17 +105,55 @@ class Batcher:
         return self.proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
     def __call__(self, items):
-        """items: list of (image, question, scene) -> (batch, labels (B, N), aux (B, 256, 3))."""
+        """items: list of (image, [question, ...], scene) -> (batch, labels (B, N), aux (B, 256, 3)).
+
+        Several questions of one item become a multi-turn chat about its image (the image sits in the
+        first user turn, exactly the single-turn evaluation format); every answer and its
+        ``<|im_end|>`` is supervised. A bare question dict counts as one question.
+        """
         tok = self.proc.tokenizer
-        texts = [self.prompt_text(q["prompt"]) + q["answer"] + "<|im_end|>" for _, q, _ in items]
+        texts = []
+        for _, qs, _ in items:
+            qs = [qs] if isinstance(qs, dict) else qs
+            conv = []
+            for k, q in enumerate(qs):
+                content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q["prompt"]}]
+                conv.append({"role": "user", "content": content})
+                conv.append({"role": "assistant", "content": q["answer"]})
+            texts.append(self.proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=False))
         batch = self.proc(images=[im for im, _, _ in items], text=texts, padding=True, return_tensors="pt")
         batch.pop("token_type_ids", None)
-        labels = torch.full_like(batch["input_ids"], -100)
-        for i, (_, q, _) in enumerate(items):
-            n_ans = len(tok(q["answer"], add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
-            labels[i, -n_ans:] = batch["input_ids"][i, -n_ans:]
+        ids = batch["input_ids"]
+        start, asst, end = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "assistant", "<|im_end|>"))
+        labels = torch.full_like(ids, -100)
+        for i in range(ids.shape[0]):
+            row = ids[i].tolist()
+            j = 1
+            while j < len(row):
+                if row[j] == asst and row[j - 1] == start:
+                    k = j + 1
+                    while k < len(row) and row[k] != end:
+                        k += 1
+                    labels[i, j + 1 : k + 1] = ids[i, j + 1 : k + 1]  # answer tokens + <|im_end|>
+                    j = k
+                j += 1
         aux = torch.from_numpy(np.stack([token_labels(s) for _, _, s in items]))
         return batch, labels, aux
+
+
+def with_turns(item, seed: int, index: int, turns: int):
+    """Add ``turns - 1`` more questions about the same scene (drawn from their own (seed, index, k) stream)."""
+    from schedsearch.toy.questions import make_question
+
+    img, q, scene = item
+    qs = [q]
+    k = 0
+    while len(qs) < turns:
+        k += 1
+        extra = make_question(scene, np.random.default_rng([seed, index, k]))
+        if extra is not None:
+            qs.append(extra)
+    return img, qs, scene
 
 
 def answer_logits_correct(logits, labels):
@@ -225,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vision-hidden", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--turns", type=int, default=1, help="questions per image (multi-turn chat), all supervised")
+    ap.add_argument("--init-from", default=None, help="start from a saved model directory instead of random init")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -249,7 +289,13 @@ def main(argv=None) -> int:
     proc = QwenImageProcessor(tok, improc, chat_template=QWEN_TEMPLATE)
     batcher = Batcher(proc)
     device = torch.device(args.device)
-    model = build_model(tok, args.hidden, args.layers, args.vision_hidden).to(device).train()
+    if args.init_from:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        model = model.to(device).train()
+    else:
+        model = build_model(tok, args.hidden, args.layers, args.vision_hidden).to(device).train()
     head = torch.nn.Linear(args.hidden, len(COLOURS) + len(SHAPES) + len(SIZES) + 3).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
@@ -275,9 +321,13 @@ def main(argv=None) -> int:
     idx = 0
     gen_t = 0.0
     for step in range(total):
-        max_obj = 2 if step < args.curriculum else (4 if step < 2 * args.curriculum else 6)
+        if args.curriculum <= 0:
+            max_obj = 6
+        else:
+            max_obj = 2 if step < args.curriculum else (4 if step < 2 * args.curriculum else 6)
         tg = time.time()
-        items = [sample(TRAIN_SEED, idx + i, max_objects=max_obj) for i in range(args.batch)]
+        items = [with_turns(sample(TRAIN_SEED, idx + i, max_objects=max_obj), TRAIN_SEED, idx + i, args.turns)
+                 for i in range(args.batch)]
         idx += args.batch
         batch, labels, aux = batcher(items)
         gen_t += time.time() - tg
