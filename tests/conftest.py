@@ -46,10 +46,11 @@ def tiny_adapter(request, tiny_dir):
 def postgres(tmp_path_factory):
     """A real PostgreSQL server on 127.0.0.1 (see tests/pg.py), stopped by pg_ctl at the end of the session."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("schedsearch_tests_pg", Path(__file__).with_name("pg.py"))
-    pg = importlib.util.module_from_spec(spec)
+    pg = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pg)
     find_pg_bin, start_postgres = pg.find_pg_bin, pg.start_postgres
     if find_pg_bin() is None:
