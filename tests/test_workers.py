@@ -176,3 +176,13 @@ def test_sigkilled_worker_trial_fails_and_is_retried(tmp_path, postgres, tiny_di
     parents, children = _runs(mlflow_uri)
     assert len(parents) == 1
     assert (tmp_path / "survivor" / "best.json").is_file() and (tmp_path / "late" / "best.json").is_file()
+
+
+def test_unreachable_storage_is_one_line_without_password(tmp_path, manifest):
+    proc = subprocess.run([sys.executable, "-m", "schedsearch", "optimize", "--budget", "0.2", "--calibration",
+                           str(manifest), "--storage", "postgresql://u:s3cret@127.0.0.1:1/db", "--study", "x"],
+                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120, check=False)
+    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(errs) == 1, proc.stderr
+    assert "postgresql://u:***@127.0.0.1:1/db" in errs[0] and "s3cret" not in proc.stderr
+    assert "Traceback" not in proc.stderr
