@@ -227,7 +227,14 @@ class Tracker:
             client = mlflow.MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
-                exp_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
+                try:
+                    exp_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
+                except mlflow.exceptions.MlflowException:
+                    # another worker created it between our lookup and create: use theirs
+                    exp = client.get_experiment_by_name(self.experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
             else:
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp.experiment_id)
