@@ -14,7 +14,7 @@ from schedsearch.cli import app
 DEFAULTS: dict[str, Any] = {
     "model": "toy", "calibration": None, "budget": None, "budget_kind": "flops", "method": "psigmoid",
     "sampler": "tpe", "trials": 40, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
-    "tracking_uri": None, "heldout_fraction": 0.25, "batch_size": 16, "scorer": "last_token_attention",
+    "tracking_uri": None, "heldout_fraction": 0.25, "batch_size": 16, "scorer": "auto",
     "rope": False, "tolerance": None, "step": 0.05, "experiment": "schedsearch",
 }
 
@@ -69,7 +69,7 @@ def optimize(
     budget: str | None = typer.Option(None, "--budget", "-b",
                                       help="Kept fraction, e.g. 0.2 (required); with --pareto a list: 0.1,0.2,0.3"),
     budget_kind: str | None = typer.Option(None, "--budget-kind", help="flops (default), tokens or kv."),
-    method: str | None = typer.Option(None, "--method", help="psigmoid (default), pcosine or gsearch."),
+    method: str | None = typer.Option(None, "--method", help="psigmoid (default), pcosine, vflow or gsearch."),
     sampler: str | None = typer.Option(None, "--sampler", help="tpe, gp, cmaes, botorch, random, qmc."),
     trials: int | None = typer.Option(None, "--trials", "-n", help="Number of trials (default 40)."),
     timeout: float | None = typer.Option(None, "--timeout", help="Stop after this many seconds."),
@@ -82,6 +82,10 @@ def optimize(
     pareto: bool = typer.Option(False, "--pareto",
                                 help="Two-objective study (discrepancy vs budget): one schedule per --budget value."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
+    scorer: str | None = typer.Option(None, "--scorer",
+                                      help="auto (searched, default), last_token_attention, text_attention, uniform, "
+                                           "random."),
+    rope: bool | None = typer.Option(None, "--rope/--no-rope", help="Attention scorers: rank with RoPE applied."),
     tolerance: float | None = typer.Option(None, "--tolerance",
                                               help="gsearch: cheapest schedule within this discrepancy."),
 ) -> None:
@@ -89,7 +93,7 @@ def optimize(
     s = _merge(config, dict(model=model, calibration=str(calibration) if calibration else None, budget=budget,
                             budget_kind=budget_kind, method=method, sampler=sampler, trials=trials,
                             timeout=timeout, out=str(out) if out else None, seed=seed, storage=storage,
-                            study=study, tracking_uri=tracking_uri, tolerance=tolerance))
+                            study=study, tracking_uri=tracking_uri, tolerance=tolerance, scorer=scorer, rope=rope))
     from schedsearch.search.driver import run_optimize
 
     s["pareto"] = pareto

@@ -134,11 +134,15 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
         sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
         storage=s["storage"], study_name=s["study"], resume=resume,
-        scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}},
+        scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}}
+        if s["scorer"] != "auto" else {"name": "auto"},
     )
     settings.validate()  # fail fast, before loading anything heavy
-    if s["method"] not in ("psigmoid", "pcosine", "gsearch"):
-        raise SearchError(f"--method {s['method']!r} is not known: use psigmoid, pcosine or gsearch")
+    known = ("auto", "last_token_attention", "text_attention", "uniform", "random")
+    if s["scorer"] not in known:
+        raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
+    if s["method"] not in ("psigmoid", "pcosine", "gsearch", "vflow"):
+        raise SearchError(f"--method {s['method']!r} is not known: use psigmoid, pcosine, vflow or gsearch")
     settings.method = s["method"]
     if settings.storage is None:
         Path(".schedsearch").mkdir(exist_ok=True)
@@ -156,7 +160,8 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     adapter = load_model(str(s["model"]))
     t0 = time.perf_counter()
     obj = Objective(adapter, samples, heldout_fraction=float(s["heldout_fraction"]), seed=settings.seed,
-                    batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash)
+                    batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash,
+                    vision_maps=s["method"] == "vflow")
     setup_s = time.perf_counter() - t0
 
     from schedsearch.tracking import Tracker, optuna_callback
@@ -219,6 +224,7 @@ def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, st
         trial.set_user_attr("worker", worker_id())
         b = budget_dict(obj, ratios, settings)
         trial.set_user_attr("keep_ratios", ratios)
+        trial.set_user_attr("scorer", ctx.scorer)
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
@@ -230,6 +236,17 @@ def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, st
             cb(study, frozen)
         return value
 
+    if ctx.scorer.get("name") == "auto":
+        # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
+        from schedsearch.search.fixed import uniform
+        from schedsearch.search.methods import SCORER_CHOICES
+
+        probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
+        scores = {}
+        for key, sc in SCORER_CHOICES.items():
+            ctx.scorer = sc
+            scores[key] = evaluate(probe)
+        ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
     g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
     if s.get("tolerance") is not None:
         ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])

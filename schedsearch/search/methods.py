@@ -23,7 +23,7 @@ class SearchContext:
     budget_fn: BudgetFn
     target: float
     kind: str
-    scorer: dict = field(default_factory=lambda: {"name": "last_token_attention", "params": {"rope": False}})
+    scorer: dict = field(default_factory=lambda: {"name": "auto"})
 
 
 @dataclass
@@ -43,6 +43,22 @@ class Method(Protocol):
     def suggest(self, trial: Any, ctx: SearchContext) -> Candidate: ...
 
 
+# scorers a search may choose from when the scorer is "auto" (the default): Optuna picks one per trial
+SCORER_CHOICES: dict[str, dict] = {
+    "last_token": {"name": "last_token_attention", "params": {"rope": True}},
+    "last_token_norope": {"name": "last_token_attention", "params": {"rope": False}},
+    "text": {"name": "text_attention", "params": {"rope": False}},
+    "uniform": {"name": "uniform", "params": {}},
+}
+
+
+def pick_scorer(trial: Any, ctx: SearchContext) -> dict:
+    """The fixed scorer, or with ``{"name": "auto"}`` a categorical parameter ``scorer`` of the trial."""
+    if ctx.scorer.get("name") != "auto":
+        return ctx.scorer
+    return SCORER_CHOICES[trial.suggest_categorical("scorer", list(SCORER_CHOICES))]
+
+
 class PSigmoid:
     """Sigmoid over depth (Zhao et al., arXiv 2412.00556): steepness k, floor fraction phi; midpoint solved."""
 
@@ -52,7 +68,7 @@ class PSigmoid:
         k = trial.suggest_float("k", 2.0, 60.0, log=True)
         phi = trial.suggest_float("phi", 0.0, 0.95)
         ratios, solved = psigmoid(ctx.num_layers, ctx.budget_fn, ctx.target, k, phi)
-        return Candidate(ratios, solved, ctx.scorer)
+        return Candidate(ratios, solved, pick_scorer(trial, ctx))
 
 
 class PCosine:
@@ -64,7 +80,7 @@ class PCosine:
         w = trial.suggest_float("w", 0.05, 1.0)
         phi = trial.suggest_float("phi", 0.0, 0.95)
         ratios, solved = pcosine(ctx.num_layers, ctx.budget_fn, ctx.target, w, phi)
-        return Candidate(ratios, solved, ctx.scorer)
+        return Candidate(ratios, solved, pick_scorer(trial, ctx))
 
 
 def _vflow() -> Method:

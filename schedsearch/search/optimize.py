@@ -45,7 +45,7 @@ class StudySettings:
     storage: str | None = None  # Optuna RDB URL; None = in-memory
     study_name: str | None = None
     resume: bool = False
-    scorer: dict = field(default_factory=lambda: {"name": "last_token_attention", "params": {"rope": False}})
+    scorer: dict = field(default_factory=lambda: {"name": "auto"})
 
     def validate(self) -> None:
         if not (0.0 < float(self.budget) <= 1.0):
