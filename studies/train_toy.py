@@ -251,6 +251,36 @@ def report(args) -> int:
     return 0
 
 
+def plot(logs: list[str], out: str) -> None:
+    """Training loss (moving average) and held-out accuracy of one or more consecutive runs, in one PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    offset = 0
+    colours = dict(zip(["accuracy"] + [f"acc_{t}" for t in QTYPES], ["k", "C0", "C1", "C2", "C3"], strict=True))
+    for n, log in enumerate(logs):
+        rows = list(csv.DictReader(open(f"{log}.csv")))
+        evs = [json.loads(x) for x in open(f"{log}.eval.jsonl")]
+        loss = np.convolve([float(r["loss"]) for r in rows], np.ones(25) / 25, mode="valid")
+        a1.plot([offset + 12 + i for i in range(len(loss))], loss, label=Path(log).name)
+        for key, c in colours.items():
+            a2.plot([offset + e["step"] for e in evs], [e[key] for e in evs], "o-", ms=3, color=c,
+                    lw=2 if key == "accuracy" else 1, label=key.removeprefix("acc_") if n == 0 else None)
+        # the next run starts from the checkpoint saved at this run's last evaluation
+        offset += evs[-1]["step"]
+    a1.set(xlabel="step", ylabel="answer CE (25-step mean)", yscale="log")
+    a2.set(xlabel="step", ylabel="held-out exact match", ylim=(0, 1))
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
@@ -274,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="schedsearch/toy/model")
     ap.add_argument("--log", default="studies/results/train_toy")
     ap.add_argument("--time-limit", type=float, default=75 * 60, help="stop training after this many seconds")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="LOG",
+                    help="no training: plot the curves of these --log prefixes (consecutive runs) into <first>.png")
     ap.add_argument("--report", action="store_true",
                     help="no training: load the shipped model through load_model(DIR) and write held-out accuracy "
                          "(greedy generation, per type / region), unpruned and with a random 90%% drop after layer 2")
@@ -282,6 +314,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.report:
         return report(args)
+    if args.plot:
+        plot(args.plot, f"{args.plot[0]}.png")
+        return 0
     torch.manual_seed(args.seed)
     from schedsearch.models.qwen_vl import QwenImageProcessor
 
