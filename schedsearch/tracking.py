@@ -27,6 +27,7 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -376,6 +377,28 @@ class Tracker:
         return False
 
     # -- child runs ----------------------------------------------------------------------------------------
+    def logged_trials(self) -> set[int] | None:
+        """Trial numbers that already have a child run under the parent (None when tracking is off or fails)."""
+        parent = self._require_run()
+        if not self.enabled:
+            return None
+        numbers: set[int] = set()
+        token = None
+        try:
+            while True:
+                page = self._client.search_runs([self.experiment_id],
+                                                filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                                max_results=1000, page_token=token)
+                for r in page:
+                    with contextlib.suppress(KeyError, ValueError):
+                        numbers.add(int(r.data.tags["schedsearch.trial"]))
+                token = page.token
+                if not token:
+                    return numbers
+        except Exception as exc:
+            self._failed("listing the study's child runs", exc)
+            return None
+
     def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, Any],
                   tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str | None:
         """Record one finished trial as a child run of the study's run; return the child run id.
@@ -453,3 +476,21 @@ def optuna_callback(tracker: Tracker, extra_metrics_fn: Callable[[Any, Any], Map
                           status="FAILED" if state == "FAIL" else "FINISHED")
 
     return callback
+
+
+def backfill_trials(tracker: Tracker, study: Any, callback: Callable[[Any, Any], None]) -> int:
+    """Log, through ``callback``, every finished trial of ``study`` that has no child run yet; return how many.
+
+    A trial is committed to the Optuna storage before its logging callback runs, so a Ctrl-C or SIGKILL
+    between the two leaves a finished trial without a child run. Calling this when a study is (re)opened
+    closes that gap; the caller holds the study lock so two workers starting together don't both log one.
+    """
+    logged = tracker.logged_trials()
+    if logged is None:
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.number not in logged:
+            callback(study, t)
+            n += 1
+    return n

@@ -19,6 +19,7 @@ from schedsearch.tracking import (  # noqa: E402
     DEFAULT_TRACKING_URI,
     Tracker,
     TrackingWarning,
+    backfill_trials,
     flatten_params,
     optuna_callback,
 )
@@ -163,6 +164,26 @@ def test_interrupt_kills_error_fails_and_resume(store):
     t3.end()
     with pytest.raises(ValueError, match="status"):
         t3.end("DONE")
+
+
+def test_backfill_logs_trials_committed_but_not_logged(store):
+    """A trial committed to the study whose callback never ran (Ctrl-C in between) is logged on reopen, once."""
+    _, uri = store
+    tracker = Tracker(uri, experiment="backfill")
+    rid = tracker.start_study("gap", {})
+    study = optuna.create_study()
+    study.optimize(_objective, n_trials=2, callbacks=[optuna_callback(tracker)])
+    study.optimize(_objective, n_trials=2)  # committed, never logged
+    assert sorted(int(r.data.tags["schedsearch.trial"]) for r in _children(tracker, rid)) == [0, 1]
+    assert tracker.logged_trials() == {0, 1}
+
+    assert backfill_trials(tracker, study, optuna_callback(tracker)) == 2
+    children = _children(tracker, rid)
+    assert sorted(int(r.data.tags["schedsearch.trial"]) for r in children) == [0, 1, 2, 3]
+    late = {int(r.data.tags["schedsearch.trial"]): r for r in children}[3]
+    assert late.data.metrics["value"] == pytest.approx(study.trials[3].value)
+    assert backfill_trials(tracker, study, optuna_callback(tracker)) == 0  # idempotent
+    tracker.end()
 
 
 def test_multi_objective_and_logging_error_does_not_stop_study(store):

@@ -68,7 +68,8 @@ def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_
     })
 
 
-def claim_parent_run(study: Any, storage: str, tracker: Any, name: str, params: dict) -> str:
+def claim_parent_run(study: Any, storage: str, tracker: Any, name: str, params: dict,
+                     log_callback: Callable[[Any, Any], None] | None = None) -> str:
     """One MLflow parent run per study, shared by every worker (and by --resume).
 
     Under a cross-process lock on the study (``pg_advisory_lock`` on PostgreSQL, ``flock`` for sqlite) the
@@ -76,14 +77,19 @@ def claim_parent_run(study: Any, storage: str, tracker: Any, name: str, params: 
     parent and stores its id before releasing the lock, so two workers starting at once cannot both create one.
     The id is re-read afterwards; should another worker have won anyway (a storage without such a lock), this
     worker deletes its own parent and joins the winner's. Child runs of all workers then land under one parent.
+    With ``log_callback``, finished trials that have no child run yet (an earlier worker was stopped between
+    committing a trial and logging it) are logged through it, under the same lock.
     """
     from schedsearch.storage import study_lock
+    from schedsearch.tracking import backfill_trials
 
     with study_lock(storage, name):
         existing = study.user_attrs.get("mlflow_run_id")
         run_id = tracker.start_study(name, params, run_id=existing)
         if run_id != existing:
             study.set_user_attr("mlflow_run_id", run_id)
+        if log_callback is not None and existing == run_id:
+            backfill_trials(tracker, study, log_callback)
     winner = study.user_attrs.get("mlflow_run_id")
     if winner and winner != run_id:
         try:
@@ -173,13 +179,14 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     from schedsearch.search.optimize import open_study
 
     study = open_study(settings, pareto=bool(s.get("pareto")))  # create, or join/continue with --resume
-    run_id = claim_parent_run(study, settings.storage, tracker, settings.study_name, params)
+    log_trial = optuna_callback(tracker)
+    run_id = claim_parent_run(study, settings.storage, tracker, settings.study_name, params, log_trial)
 
     def remember_run(study: Any, trial: Any) -> None:  # so an interrupted study resumes under the same run
         if study.user_attrs.get("mlflow_run_id") != run_id:
             study.set_user_attr("mlflow_run_id", run_id)
 
-    callbacks = [remember_run, optuna_callback(tracker)] + ([progress] if progress else [])
+    callbacks = [remember_run, log_trial] + ([progress] if progress else [])
     with tracker:
         if s.get("pareto"):
             return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
