@@ -53,6 +53,12 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache handed to a forward: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _cache_len(past: Any) -> int:
     if past is None:
         return 0
@@ -149,7 +155,7 @@ class ScheduleHandle:
         self.remove()
 
     def _base_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if _cache_len(kwargs.get("past_key_values")) > 0:
+        if _cache_len(_cache_of(kwargs)) > 0:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -199,7 +205,7 @@ class ScheduleHandle:
         seq = embeds.shape[1] if embeds is not None else ids.shape[1]
         am = kwargs.get("attention_mask")
         valid = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
-        if _cache_len(kwargs.get("past_key_values")) == 0:  # prefill
+        if _cache_len(_cache_of(kwargs)) == 0:  # prefill
             pending, self._pending = self._pending, None
             self._fwd = None
             self.kept_indices = {}
