@@ -119,7 +119,9 @@ def make_storage(url: str, hb: HeartbeatSettings | None = None) -> Any:
     # is a deprecated alias); both mark a retry with system attrs "failed_trial" / "retry_history".
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     try:
-        with warnings.catch_warnings():
+        # RDBStorage creates Optuna's tables on first use; workers starting together on a fresh database
+        # would race on CREATE TABLE (duplicate pg_type rows), so schema creation is serialised by a lock
+        with study_lock(url, "<optuna schema>"), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
             if retry_cls is not None:
