@@ -8,6 +8,7 @@ with :meth:`schedsearch.tracking.Tracker.log_figure`. matplotlib is imported on 
 - :func:`history_plot` — objective per trial and the best so far.
 - :func:`pareto_plot` — discrepancy vs achieved FLOPs ratio for every trial, the non-dominated front marked.
 - :func:`overlay_plot` — which visual tokens (grid cells) were kept, drawn over a calibration image.
+- :func:`curves_plot` — one line per series through its (x, y) points, e.g. accuracy vs achieved FLOPs per method.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["history_plot", "keep_ratio_plot", "overlay_plot", "pareto_front", "pareto_plot"]
+__all__ = ["curves_plot", "history_plot", "keep_ratio_plot", "overlay_plot", "pareto_front", "pareto_plot"]
 
 _SIZE = (6.4, 4.0)
 
@@ -128,6 +129,39 @@ def pareto_plot(points: Sequence[tuple[float, float]], front: Sequence[tuple[flo
     ax.grid(True, alpha=0.3)
     if pts or fr:
         ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def curves_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, xlabel: str, ylabel: str,
+                title: str | None = None, reference: Mapping[str, float] | None = None, logy: bool = False) -> Any:
+    """One line with markers per series through its ``(x, y)`` points, sorted by x (non-finite points skipped).
+
+    For sweeps, e.g. accuracy (y) vs achieved FLOPs ratio (x) with one series per method. ``reference`` draws
+    labelled horizontal dashed lines (e.g. ``{"unpruned": 0.71}``); ``logy`` uses a log y axis.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    markers = "osD^vP*Xh<>"
+    for i, (label, pts) in enumerate(series.items()):
+        xy = sorted((float(x), float(y)) for x, y in pts if math.isfinite(float(x)) and math.isfinite(float(y)))
+        if xy:
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker=markers[i % len(markers)], markersize=4.5,
+                    linewidth=1.5, label=label)
+    for j, (label, y) in enumerate((reference or {}).items()):
+        ax.axhline(float(y), color=str(0.3 + 0.2 * j), linestyle="--", linewidth=1, label=label)
+    if reference:  # keep the reference lines in view
+        lo, hi = ax.get_ylim()
+        ys = [float(y) for y in reference.values()]
+        pad = 0.05 * (max(hi, *ys) - min(lo, *ys))
+        ax.set_ylim(min(lo, min(ys) - pad), max(hi, max(ys) + pad))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.grid(True, alpha=0.3)
+    if series or reference:
+        ax.legend(fontsize="small")
     return fig
 
 
