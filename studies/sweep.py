@@ -1,0 +1,437 @@
+"""Budget sweep: every method at every FLOPs budget on the shipped toy model, with accuracy and timing.
+
+    python studies/sweep.py --preset quick        # all budgets x all methods, few trials (<= 10 min on 2 cores)
+    python studies/sweep.py --preset full         # more trials, larger held-out set (<= 60 min)
+    python studies/sweep.py --preset quick --model DIR --calibration DATA --out DIR --tracking-uri URI
+    python studies/sweep.py --from-json studies/results/sweep.json   # re-render sweep.md + PNGs only
+
+For each FLOPs budget in :data:`BUDGETS` and each method in :data:`METHODS` (a "cell"):
+
+* fixed baselines (fastv, pdrop, uniform) are budget-matched on the calibration set's token counts exactly as
+  ``schedsearch baseline`` does (:func:`schedsearch.search.methods.baseline_candidate`); a budget they cannot
+  reach is recorded as an infeasible cell;
+* searched methods run through the ``optimize`` machinery in-process: psigmoid and vflow through
+  :func:`schedsearch.search.optimize.run_study` (the preset's sampler, trial count and seed), gsearch through
+  the driver's greedy ask/tell loop (its trial count is the number of distinct schedules it evaluated);
+  all search on the calibration set (``calibration_data/toy`` by default) and never see the held-out set;
+* every schedule is then measured on the toy held-out set (``schedsearch.toy.write_dataset(.., seed=HELDOUT_SEED)``):
+  achieved FLOPs / KV / layer-averaged keep ratios on its token counts, the discrepancy (mean ``1 - cos`` of
+  the last token's final-norm hidden state, the search objective), exact-match accuracy overall, per question
+  type and for objects in the top vs bottom half of the image, and the measured prefill speed-up (full
+  forward, vision encoder included, :func:`schedsearch.evaluation.time_prefill`).
+
+Writes ``sweep.md`` (header + table), ``sweep.json`` (every number) and PNGs (accuracy and discrepancy vs
+achieved FLOPs, one line per method; keep ratio per layer of each searched method) to ``--out``
+(``studies/results``), and logs one MLflow parent run for the sweep with one child run per cell; tracking
+problems are warned about and never stop the sweep. Same preset and seeds give the same table, timings aside
+(torch runs with ``--threads`` threads, default 1, so reductions and therefore the searches are repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUDGETS = (0.5, 0.3, 0.2, 0.1, 0.05)
+FIXED = ("fastv", "pdrop", "uniform")
+SEARCHED = ("psigmoid", "gsearch", "vflow")
+METHODS = FIXED + SEARCHED
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One reproducible sweep configuration (read by tests/test_sweep.py)."""
+
+    name: str
+    trials: int  # trials per searched cell (psigmoid, vflow); gsearch's count follows from gsearch_step
+    sampler: str  # Optuna sampler of psigmoid / vflow (schedsearch.search.optimize.SAMPLERS)
+    gsearch_step: float  # G-Search ratio grid
+    n_heldout: int  # toy held-out samples (stream HELDOUT_SEED, indices 0..n-1)
+    n_calibration: int | None = None  # first N calibration samples searched on; None = all
+    seed: int = 0  # sampler seed of every searched cell
+    timing_samples: int = 8  # held-out samples timed per cell
+    timing_repeats: int = 3
+    batch_size: int = 16
+    budgets: tuple[float, ...] = BUDGETS
+    methods: tuple[str, ...] = METHODS
+    budget_kind: str = "flops"
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset("quick", trials=12, sampler="tpe", gsearch_step=0.1, n_heldout=96, n_calibration=32,
+                    timing_samples=8, timing_repeats=3),
+    "full": Preset("full", trials=40, sampler="gp", gsearch_step=0.05, n_heldout=512, n_calibration=None,
+                   timing_samples=16, timing_repeats=5),
+}
+
+COLUMNS = ("budget", "method", "FLOPs", "KV", "keep", "1-cos", "acc")
+TAIL_COLUMNS = ("top", "bottom", "speed-up", "trials", "search s")
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+@dataclass
+class Heldout:
+    """The held-out set, prepared once: objective (reference + vision features), timing batches, unpruned accuracy."""
+
+    samples: list
+    objective: Any
+    timing_batches: list
+    reference: dict = field(default_factory=dict)
+
+
+def region_halves(report: dict) -> dict[str, float | None]:
+    """Accuracy on questions about objects in the top vs bottom half (quadrants "top left", ... weighted by count)."""
+    counts = report.get("counts", {}).get("region", {})
+    out: dict[str, float | None] = {}
+    for half in ("top", "bottom"):
+        keys = [k for k in report.get("by_region", {}) if k.split()[0] == half]
+        n = sum(counts.get(k, 0) for k in keys)
+        out[half] = sum(report["by_region"][k] * counts.get(k, 0) for k in keys) / n if n else None
+        out[f"n_{half}"] = n
+    return out
+
+
+def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset) -> dict:
+    """Budget, discrepancy, accuracy and prefill timing of ``schedule`` (None = unpruned) on the held-out set."""
+    from schedsearch.evaluation import time_prefill
+    from schedsearch.flops import budget_report
+    from schedsearch.toy.eval import accuracy
+
+    obj = held.objective
+    n = adapter.num_layers
+    ratios = list(schedule["keep_ratios"]) if schedule else [1.0] * n
+    rep = budget_report(obj.shape, obj.counts["search"], ratios)
+    acc = accuracy(adapter, held.samples, schedule=schedule, batch_size=32)
+    out = {"flops_ratio": rep.flops_ratio, "kv_ratio": rep.kv_ratio, "token_ratio": rep.token_ratio,
+           "discrepancy": obj.score(schedule) if schedule else 0.0,
+           "accuracy": acc["overall"], "accuracy_by_qtype": acc["by_qtype"], "accuracy_by_region": acc["by_region"],
+           "counts": acc["counts"]}
+    halves = region_halves(acc)
+    out.update(accuracy_top=halves["top"], accuracy_bottom=halves["bottom"], n_top=halves["n_top"],
+               n_bottom=halves["n_bottom"])
+    if schedule:
+        full, pruned = time_prefill(adapter, held.timing_batches, schedule, preset.timing_repeats)
+        out.update(prefill_ms_unpruned=full, prefill_ms_pruned=pruned, speedup=full / pruned if pruned else None)
+    else:
+        out.update(prefill_ms_unpruned=None, prefill_ms_pruned=None, speedup=1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- searching
+def find_schedule(method: str, budget: float, obj: Any, preset: Preset) -> tuple[Any, dict]:
+    """(Candidate, info) for one cell: a budget-matched fixed baseline or the winner of a search on ``obj``.
+
+    Raises ``InfeasibleBudget`` (fixed baselines) or ``SearchError`` (searches) when the budget is out of reach.
+    """
+    from schedsearch.search.driver import _run_gsearch
+    from schedsearch.search.methods import baseline_candidate
+    from schedsearch.search.optimize import StudySettings, _context, open_study, run_study
+
+    settings = StudySettings(budget=budget, kind=preset.budget_kind, method=method, sampler=preset.sampler,
+                             trials=preset.trials, seed=preset.seed)
+    if method in FIXED:  # what `schedsearch baseline` does, on the calibration set's token counts
+        cand = baseline_candidate(method, _context(obj, settings))
+        return cand, {"trials": 0, "params": dict(cand.params), "search_value": None}
+    if method == "gsearch":  # the driver's greedy loop: every distinct evaluation is an Optuna trial
+        study = open_study(settings)
+        result = _run_gsearch(settings, obj, {"step": preset.gsearch_step, "tolerance": None}, [], study)
+    else:
+        result = run_study(settings, obj, baselines=())
+    return result.best, {"trials": len(result.study.trials), "search_value": result.search_value,
+                         "params": {**result.best_params, **result.best.params}}
+
+
+def run_cell(method: str, budget: float, obj: Any, adapter: Any, held: Heldout, preset: Preset, lo: float) -> dict:
+    from schedsearch.search.budget import InfeasibleBudget
+    from schedsearch.search.optimize import SearchError
+
+    cell: dict[str, Any] = {"budget": budget, "method": method, "kind": "fixed" if method in FIXED else "searched"}
+    t0 = time.perf_counter()
+    try:
+        if budget < lo - 1e-12:
+            raise InfeasibleBudget(f"{method} cannot meet budget {budget}: the feasible {preset.budget_kind} range "
+                                   f"for this model and calibration set is [{lo:.4f}, 1.0]")
+        cand, info = find_schedule(method, budget, obj, preset)
+    except (InfeasibleBudget, SearchError) as err:
+        return {**cell, "status": "infeasible", "reason": " ".join(str(err).split()),
+                "search_s": time.perf_counter() - t0}
+    cell["search_s"] = time.perf_counter() - t0
+    sched = cand.as_schedule_dict()
+    cell.update(status="ok", trials=info["trials"], params=_jsonable(info["params"]),
+                search_discrepancy=info["search_value"],
+                keep_ratios=[float(r) for r in cand.ratios], scorer=cand.scorer, recycling=cand.recycling,
+                calibration_flops_ratio=obj.budget_fn("flops")(cand.ratios))
+    t1 = time.perf_counter()
+    cell.update(measure(adapter, held, sched, preset))
+    cell["eval_s"] = time.perf_counter() - t1
+    return cell
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=float))
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+def open_tracker(uri: str | None, experiment: str, name: str, params: dict, log: Callable[[str], None]) -> Any:
+    """The sweep's MLflow parent run, or None (with one line) when tracking cannot start."""
+    try:
+        from schedsearch.tracking import Tracker
+
+        tracker = Tracker(uri, experiment=experiment)
+        tracker.start_study(name, params, tags={"schedsearch.kind": "sweep"})
+        return tracker
+    except Exception as err:  # noqa: BLE001 - tracking never stops the sweep
+        log(f"warning: MLflow tracking is off for this sweep ({type(err).__name__}: {err})")
+        return None
+
+
+def log_cell(tracker: Any, number: int, cell: dict) -> None:
+    if tracker is None:
+        return
+    params = {k: cell.get(k) for k in ("budget", "method", "kind", "status", "reason", "trials", "params",
+                                       "keep_ratios", "scorer", "recycling") if cell.get(k) is not None}
+    metrics = {k: v for k, v in cell.items() if isinstance(v, int | float) and not isinstance(v, bool)
+               and k not in ("budget",)}
+    metrics.update({f"accuracy_{k}": v for k, v in (cell.get("accuracy_by_qtype") or {}).items()})
+    with contextlib.suppress(Exception):  # Tracker warns and switches itself off on store errors
+        tracker.log_trial(number, params, metrics, tags={"schedsearch.cell": f"{cell['method']}@{cell['budget']}"})
+
+
+def finish_tracking(tracker: Any, paths: Sequence[Path], results: dict) -> None:
+    if tracker is None:
+        return
+    with contextlib.suppress(Exception):
+        for p in paths:
+            tracker.log_artifact_file(p)
+        summary = {f"{c['method']}_{c['budget']}_accuracy": c.get("accuracy") for c in results["cells"]}
+        tracker.set_summary(summary, {"wall_s": round(results["meta"]["wall_s"], 1)})
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def run_sweep(adapter: Any, calibration: Sequence[Any], heldout: Sequence[Any], preset: Preset, *,
+              out_dir: str | Path = RESULTS, tracking_uri: str | None = None, experiment: str = "schedsearch-sweep",
+              command: str | None = None, meta: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run every (budget, method) cell, write sweep.md / sweep.json / PNGs into ``out_dir``; return the results."""
+    from schedsearch.calibration import calibration_hash
+    from schedsearch.evaluation import make_batches
+    from schedsearch.search.objective import Objective
+    from schedsearch.search.optimize import feasible_range
+
+    t_start = time.perf_counter()
+    calib = list(calibration)[: preset.n_calibration] if preset.n_calibration else list(calibration)
+    heldout = list(heldout)
+    vflow = "vflow" in preset.methods
+    obj = Objective(adapter, calib, heldout_fraction=0.0, seed=preset.seed, batch_size=preset.batch_size,
+                    vision_maps=vflow)
+    held = Heldout(samples=heldout,
+                   objective=Objective(adapter, heldout, heldout_fraction=0.0, seed=preset.seed,
+                                       batch_size=preset.batch_size, vision_maps=vflow),
+                   timing_batches=make_batches(adapter, heldout[: preset.timing_samples], preset.batch_size))
+    held.reference = measure(adapter, held, None, preset)
+    lo = feasible_range(obj, preset.budget_kind)[0]
+    setup_s = time.perf_counter() - t_start
+    log(f"setup {setup_s:.1f}s: {len(calib)} calibration / {len(heldout)} held-out samples, unpruned accuracy "
+        f"{held.reference['accuracy']:.3f}, smallest reachable {preset.budget_kind} ratio {lo:.4f}")
+
+    info = {"preset": preset.name, "command": command or f"python studies/sweep.py --preset {preset.name}",
+            "model": str(adapter.name_or_path), "model_fingerprint": adapter.fingerprint(),
+            "num_layers": adapter.num_layers, "calibration_hash": calibration_hash(calib),
+            "n_calibration": len(calib), "n_heldout": len(heldout), **(meta or {})}
+    tracker = open_tracker(tracking_uri, experiment, f"sweep-{preset.name}",
+                           {**info, **{k: v for k, v in asdict(preset).items() if k != "name"}}, log)
+    cells = []
+    with tracker if tracker is not None else contextlib.nullcontext():
+        for budget in preset.budgets:
+            for method in preset.methods:
+                cell = run_cell(method, budget, obj, adapter, held, preset, lo)
+                cells.append(cell)
+                log_cell(tracker, len(cells) - 1, cell)
+                log(f"{budget:>5} {method:<9} " + (
+                    f"FLOPs {cell['flops_ratio']:.3f} 1-cos {cell['discrepancy']:.4f} acc {cell['accuracy']:.3f} "
+                    f"x{cell['speedup']:.2f} trials {cell['trials']} search {cell['search_s']:.1f}s "
+                    f"eval {cell['eval_s']:.1f}s" if cell["status"] == "ok" else cell["reason"]))
+        wall = time.perf_counter() - t_start
+        results = {"meta": {**info, "preset_config": asdict(preset), "lowest_feasible": lo,
+                            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                            "setup_s": setup_s, "wall_s": wall, "torch_threads": _threads()},
+                   "reference": held.reference, "cells": cells}
+        paths = write_report(results, out_dir)
+        finish_tracking(tracker, paths, results)
+    log(f"wrote {', '.join(str(p) for p in paths)} ({wall:.0f}s)")
+    return results
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def _f(v: Any, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def table_columns(results: dict) -> list[str]:
+    return [*COLUMNS, *sorted(results["reference"]["accuracy_by_qtype"]), *TAIL_COLUMNS]
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    qtypes = sorted(results["reference"]["accuracy_by_qtype"])
+
+    def row(budget: str, method: str, c: dict, trials: str, search: str) -> list[str]:
+        return [budget, method, _f(c["flops_ratio"]), _f(c["kv_ratio"]), _f(c["token_ratio"]),
+                _f(c["discrepancy"], 4), _f(c["accuracy"]), *(_f(c["accuracy_by_qtype"].get(q)) for q in qtypes),
+                _f(c["accuracy_top"]), _f(c["accuracy_bottom"]), _f(c["speedup"], 2), trials, search]
+
+    rows = [row("1.0", "unpruned", results["reference"], "–", "–")]
+    for c in results["cells"]:
+        if c["status"] != "ok":
+            rows.append([str(c["budget"]), c["method"], "infeasible"] + ["–"] * (len(table_columns(results)) - 3))
+        else:
+            rows.append(row(str(c["budget"]), c["method"], c, str(c["trials"]), f"{c['search_s']:.1f}"))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    m, p = results["meta"], results["meta"]["preset_config"]
+    cols = table_columns(results)
+    ref = results["reference"]
+    lines = [
+        "# Budget sweep on the shipped toy model",
+        "",
+        f"- command: `{m['command']}`",
+        f"- preset: `{m['preset']}` — psigmoid and vflow: {p['trials']} trials each, sampler `{p['sampler']}`, "
+        f"seed {p['seed']}; gsearch: step {p['gsearch_step']}, budget mode (trials = distinct schedules it "
+        f"evaluated); scorer searched (`auto`); fixed baselines budget-matched as `schedsearch baseline` does",
+        f"- model: `{m['model']}` (fingerprint `{m['model_fingerprint']}`, {m['num_layers']} decoder layers)",
+        f"- search set: {m['n_calibration']} calibration samples (hash `{m['calibration_hash'].split(':')[-1][:12]}`); "
+        f"held-out: {m['n_heldout']} toy samples, stream `HELDOUT_SEED`={m.get('heldout_seed', '?')} "
+        f"(questions per type: {', '.join(f'{k} {v}' for k, v in ref['counts']['qtype'].items())}; "
+        f"spatial questions about an object in the top / bottom half: {ref['n_top']} / {ref['n_bottom']})",
+        f"- date: {m['date']}; wall time {m['wall_s']:.0f} s (setup {m['setup_s']:.0f} s), torch threads "
+        f"{m['torch_threads']}; lowest reachable {p['budget_kind']} ratio {m['lowest_feasible']:.4f}",
+        "",
+        "Columns: requested FLOPs budget; method; achieved decoder-prefill FLOPs ratio, KV-cache ratio and "
+        "layer-averaged visual keep on the held-out token counts; held-out discrepancy (mean 1 − cos of the last "
+        "token's final-norm hidden state, the search objective); exact-match accuracy overall, per question type "
+        "and for spatial questions about objects in the top / bottom half; measured prefill speed-up (full "
+        f"forward incl. the vision encoder, median of {p['timing_repeats']}, {p['timing_samples']} samples); "
+        "search trials and seconds.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def read_table(text: str) -> tuple[dict, list[dict[str, str]]]:
+    """(header facts, rows as {column: cell}) of a sweep.md; header facts: preset, command."""
+    import re
+
+    head: dict[str, str] = {}
+    for key in ("preset", "command"):
+        found = re.search(rf"^- {key}: `([^`]+)`", text, re.M)
+        if found:
+            head[key] = found.group(1)
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    if len(table) < 2:
+        raise ValueError("no markdown table found")
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    cols = cells(table[0])
+    rows = [dict(zip(cols, cells(ln), strict=True)) for ln in table[2:]]
+    return head, rows
+
+
+def figures(results: dict) -> dict[str, Any]:
+    from schedsearch import plots
+
+    ok = [c for c in results["cells"] if c["status"] == "ok"]
+    methods = list(dict.fromkeys(c["method"] for c in results["cells"]))
+    ref = results["reference"]
+    out = {
+        "sweep_accuracy.png": plots.curves_plot(
+            {m: [(c["flops_ratio"], c["accuracy"]) for c in ok if c["method"] == m] for m in methods},
+            xlabel="achieved FLOPs ratio (held-out)", ylabel="toy-task accuracy",
+            title="Accuracy vs achieved FLOPs (toy model, held-out)", reference={"unpruned": ref["accuracy"]}),
+        "sweep_discrepancy.png": plots.curves_plot(
+            {m: [(c["flops_ratio"], c["discrepancy"]) for c in ok if c["method"] == m] for m in methods},
+            xlabel="achieved FLOPs ratio (held-out)", ylabel="discrepancy (1 - cos)", logy=True,
+            title="Discrepancy vs achieved FLOPs (toy model, held-out)"),
+    }
+    for m in methods:
+        shapes = {f"FLOPs {c['budget']}": c["keep_ratios"] for c in ok if c["method"] == m}
+        if m in SEARCHED and shapes:
+            out[f"sweep_keep_{m}.png"] = plots.keep_ratio_plot(shapes, title=f"{m}: keep ratio per layer")
+    return out
+
+
+def write_report(results: dict, out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep.md", out / "sweep.json"]
+    paths[0].write_text(markdown(results), encoding="utf-8")
+    paths[1].write_text(json.dumps(_jsonable(results), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    for name, fig in figures(results).items():
+        fig.savefig(out / name, dpi=100)
+        paths.append(out / name)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--model", default="toy", help="alias or directory (default: the shipped toy model)")
+    ap.add_argument("--calibration", default=None, help="search set manifest (default: calibration_data/toy)")
+    ap.add_argument("--out", default=str(RESULTS), help="where sweep.md, sweep.json and the PNGs go")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///mlflow.db here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the searches repeatable)")
+    ap.add_argument("--from-json", default=None, metavar="SWEEP_JSON",
+                    help="only re-render sweep.md and the PNGs from an earlier sweep.json (no model is run)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        print("wrote", ", ".join(str(p) for p in write_report(results, args.out)))
+        return results
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from schedsearch.calibration import load_manifest
+    from schedsearch.models import load_model
+    from schedsearch.search.driver import _default_calibration
+    from schedsearch.toy import HELDOUT_SEED, write_dataset
+
+    preset = PRESETS[args.preset]
+    adapter = load_model(args.model)
+    calibration = load_manifest(args.calibration or _default_calibration(args.model))
+    command = "python studies/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    warnings.filterwarnings("ignore", module="optuna")
+    with tempfile.TemporaryDirectory(prefix="sweep-heldout-") as tmp:
+        heldout = load_manifest(write_dataset(tmp, preset.n_heldout, seed=HELDOUT_SEED))
+        return run_sweep(adapter, calibration, heldout, preset, out_dir=args.out, tracking_uri=args.tracking_uri,
+                         command=command.strip(), meta={"heldout_seed": HELDOUT_SEED},
+                         log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""studies/sweep.py: the committed results match the script's preset; the sweep runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("schedsearch_studies_sweep", ROOT / "studies" / "sweep.py")
+    mod = sys.modules.get(spec.name)
+    if mod is None:
+        mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _cells(rows: list[dict]) -> set[tuple[float, str]]:
+    return {(float(r["budget"]), r["method"]) for r in rows if r["method"] != "unpruned"}
+
+
+def test_committed_results_match_the_preset_in_their_header():
+    sweep = _sweep_module()
+    md = ROOT / "studies" / "results" / "sweep.md"
+    head, rows = sweep.read_table(md.read_text(encoding="utf-8"))
+    preset = sweep.PRESETS[head["preset"]]
+    assert head["command"].startswith("python studies/sweep.py") and f"--preset {preset.name}" in head["command"]
+    assert _cells(rows) == {(b, m) for b in preset.budgets for m in preset.methods}
+    assert set(preset.methods) == {"fastv", "pdrop", "uniform", "psigmoid", "gsearch", "vflow"}
+    assert set(preset.budgets) == {0.5, 0.3, 0.2, 0.1, 0.05}
+    for r in rows:
+        assert set(sweep.COLUMNS + sweep.TAIL_COLUMNS) <= set(r)
+        if r["FLOPs"] != "infeasible":
+            assert 0.0 < float(r["FLOPs"]) <= 1.0 and 0.0 <= float(r["acc"]) <= 1.0
+    data = json.loads((ROOT / "studies" / "results" / "sweep.json").read_text(encoding="utf-8"))
+    assert data["meta"]["preset"] == preset.name
+    assert {(c["budget"], c["method"]) for c in data["cells"]} == _cells(rows)
+    for name in ("sweep_accuracy.png", "sweep_discrepancy.png"):
+        assert (ROOT / "studies" / "results" / name).stat().st_size > 1000
+
+
+def test_presets_cover_every_budget_and_method():
+    sweep = _sweep_module()
+    from schedsearch.search.optimize import SAMPLERS
+
+    for p in sweep.PRESETS.values():
+        assert p.budgets == sweep.BUDGETS and p.methods == sweep.METHODS
+        assert p.sampler in SAMPLERS and p.trials >= 1 and p.n_heldout >= 1
+
+
+def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
+    sweep = _sweep_module()
+    from schedsearch.models import load_model
+    from schedsearch.testing.tiny import tiny_samples
+
+    adapter = load_model(str(tiny_dir("qwen2_5_vl")))
+    calib = tiny_samples(tmp_path / "calib", 6, seed=5, prompt="where is object {i}?")
+    regions = ["top left", "bottom right", "top right", "bottom left"]
+    held = [replace(s, answer="yes", extra={"qtype": "spatial", "region": regions[i % 4]} if i % 2 else
+                    {"qtype": "presence"}) for i, s in enumerate(tiny_samples(tmp_path / "held", 6, seed=6))]
+    preset = replace(sweep.PRESETS["quick"], name="test", budgets=(0.5, 0.01), trials=2, sampler="random",
+                     gsearch_step=0.25, n_heldout=len(held), n_calibration=None, timing_samples=2,
+                     timing_repeats=1, batch_size=4)
+    out = tmp_path / "out"
+    res = sweep.run_sweep(adapter, calib, held, preset, out_dir=out, tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                          log=lambda s: None)
+
+    assert {(c["budget"], c["method"]) for c in res["cells"]} == {(b, m) for b in (0.5, 0.01) for m in sweep.METHODS}
+    lo = res["meta"]["lowest_feasible"]
+    assert lo > 0.01  # text tokens alone cost more than 1% on the tiny model: every 0.01 cell is infeasible
+    for c in res["cells"]:
+        if c["budget"] == 0.01:
+            assert c["status"] == "infeasible" and "0.01" in c["reason"]
+            continue
+        assert c["status"] == "ok", c
+        for key in ("flops_ratio", "kv_ratio", "token_ratio", "discrepancy", "accuracy", "accuracy_by_qtype",
+                    "accuracy_top", "accuracy_bottom", "speedup", "trials", "search_s", "keep_ratios"):
+            assert key in c, key
+        assert c["calibration_flops_ratio"] <= 0.5 + 1e-9
+        assert set(c["accuracy_by_qtype"]) == {"presence", "spatial"}
+        assert (c["trials"] == 0) == (c["method"] in sweep.FIXED)
+        if c["method"] in ("psigmoid", "vflow"):
+            assert c["trials"] == 2
+
+    head, rows = sweep.read_table((out / "sweep.md").read_text(encoding="utf-8"))
+    assert head["preset"] == "test" and _cells(rows) == {(c["budget"], c["method"]) for c in res["cells"]}
+    assert rows[0]["method"] == "unpruned" and rows[0]["1-cos"] == "0.0000"
+    assert json.loads((out / "sweep.json").read_text())["cells"][0]["method"] == "fastv"
+    for name in ("sweep_accuracy.png", "sweep_discrepancy.png", "sweep_keep_psigmoid.png", "sweep_keep_gsearch.png",
+                 "sweep_keep_vflow.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+    from schedsearch.tracking import Tracker
+
+    tr = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="schedsearch-sweep")
+    runs = tr.client.search_runs([tr.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + len(res["cells"])
