@@ -44,6 +44,13 @@ def test_committed_results_match_the_preset_in_their_header():
         assert (ROOT / "studies" / "results" / name).stat().st_size > 1000
 
 
+def test_readme_table_is_the_committed_sweep_table():
+    """The README embeds exactly the table the script wrote (rerun the sweep -> copy its table)."""
+    table = "\n".join(ln for ln in (ROOT / "studies" / "results" / "sweep.md").read_text(encoding="utf-8").splitlines()
+                      if ln.startswith("|"))
+    assert table.count("\n") > 10 and table in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 def test_presets_cover_every_budget_and_method():
     sweep = _sweep_module()
     from schedsearch.search.optimize import SAMPLERS
