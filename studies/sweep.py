@@ -137,7 +137,7 @@ def find_schedule(method: str, budget: float, obj: Any, preset: Preset) -> tuple
 
     Raises ``InfeasibleBudget`` (fixed baselines) or ``SearchError`` (searches) when the budget is out of reach.
     """
-    from schedsearch.search.driver import _run_gsearch
+    from schedsearch.search.driver import run_gsearch
     from schedsearch.search.methods import baseline_candidate
     from schedsearch.search.optimize import StudySettings, _context, open_study, run_study
 
@@ -148,7 +148,7 @@ def find_schedule(method: str, budget: float, obj: Any, preset: Preset) -> tuple
         return cand, {"trials": 0, "params": dict(cand.params), "search_value": None}
     if method == "gsearch":  # the driver's greedy loop: every distinct evaluation is an Optuna trial
         study = open_study(settings)
-        result = _run_gsearch(settings, obj, {"step": preset.gsearch_step, "tolerance": None}, [], study)
+        result = run_gsearch(settings, obj, {"step": preset.gsearch_step, "tolerance": None}, [], study)
     else:
         result = run_study(settings, obj, baselines=())
     return result.best, {"trials": len(result.study.trials), "search_value": result.search_value,

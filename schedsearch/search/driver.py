@@ -192,7 +192,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
             return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
                                   study)
         if s["method"] == "gsearch":
-            result = _run_gsearch(settings, obj, s, callbacks, study)
+            result = run_gsearch(settings, obj, s, callbacks, study)
         else:
             result = run_study(settings, obj, callbacks=callbacks, study=study)
         result.study.set_user_attr("mlflow_run_id", run_id)
@@ -215,7 +215,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     return result
 
 
-def _run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
+def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
     """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged."""
 
     from schedsearch.search.gsearch import GreedySearch
