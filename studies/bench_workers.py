@@ -15,12 +15,12 @@ Measured on the 2-core development machine (shared with a training job, load ave
           1     10          2.8      216.8    1.00x    22.6
           2     20          5.4      221.4    1.02x    35.6
 
-i.e. no speed-up, short of the >= 1.6x target: each worker is one torch process pinned to one thread, so
-2 workers need 2 free cores, and the other job holds one of them most of the time; per-trial Optuna/PostgreSQL and MLflow sqlite logging
-overheads (a few tens of ms) are a large share of a ~0.28 s tiny-model trial; and the span also covers the
-stretch where only one worker had finished starting up. With free cores and real
-models (seconds per trial) the workers are independent apart from the storage round trips, and scale close
-to linearly. The numbers this run measured are printed in the table.
+i.e. no speed-up, short of the >= 1.6x target: each worker is one torch process pinned to one thread, so 2
+workers need 2 free cores, and the other job holds one of them most of the time; per-trial Optuna/PostgreSQL
+and MLflow sqlite logging overheads (a few tens of ms) are a large share of a ~0.28 s tiny-model trial; and
+the span also covers the stretch where only one worker had finished starting up. With free cores and real
+models (seconds per trial) the workers are independent apart from the storage round trips, and scale close to
+linearly. The numbers this run measured are printed in the table.
 """
 
 from __future__ import annotations
