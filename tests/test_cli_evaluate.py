@@ -79,3 +79,39 @@ def test_evaluate_bad_model_inputs(tiny_dir, tmp_path):
         rc, err = _one_line_error(["evaluate", str(sched), *extra, "--calibration", str(manifest)], tmp_path)
         assert rc != 0, what
         assert len(err) == 1 and err[0].startswith("error:"), (what, err)
+
+
+def test_evaluate_accuracy_with_answers(tiny_dir, tmp_path, capsys):
+    """A manifest with answers (`--data`) adds exact-match accuracy, unpruned next to pruned, per qtype/region."""
+    from schedsearch.calibration import load_manifest
+    from schedsearch.models import load_model
+    from schedsearch.toy.eval import predict
+
+    d = tiny_dir("qwen2_5_vl")
+    ad = load_model(str(d))
+
+    def write(answers):
+        lines = []
+        for i, img in enumerate(tiny_images(4, seed=5)):
+            img.save(tmp_path / f"a{i}.png")
+            lines.append(json.dumps({"image": f"a{i}.png", "prompt": f"what is {i}?", "answer": answers[i],
+                                     "qtype": "counting" if i % 2 else "presence", "region": "top left"}))
+        (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+    write(["?"] * 4)
+    preds = predict(ad, load_manifest(tmp_path))  # the unpruned model's greedy answers
+    write([p if i % 2 == 0 else p + " not" for i, p in enumerate(preds)])  # presence right, counting wrong
+    n = ad.num_layers
+    sched = _schedule(tmp_path, ad, [1.0] + [0.25] * (n - 1))
+    rc = main(["evaluate", str(sched), "--model", str(d), "--data", str(tmp_path), "--json", "--no-timing"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
+    assert set(rep) == {"unpruned", "pruned"}
+    un = rep["unpruned"]
+    assert un["n"] == 4 and un["overall"] == 0.5
+    assert un["by_qtype"] == {"counting": 0.0, "presence": 1.0} and un["counts"]["region"] == {"top left": 4}
+    assert 0.0 <= rep["pruned"]["overall"] <= 1.0 and set(rep["pruned"]["by_qtype"]) == {"counting", "presence"}
+
+    rc = main(["evaluate", str(sched), "--model", str(d), "--data", str(tmp_path), "--no-timing"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "exact-match accuracy" in out and "qtype counting" in out and "region top left" in out
