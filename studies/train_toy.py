@@ -1,23 +1,34 @@
 """Train the shipped toy VLM: a real Qwen2_5_VLForConditionalGeneration, from scratch, on the toy task.
 
-    python studies/train_toy.py --out schedsearch/toy/model --steps 3000          # CPU, 1 thread
+    # the shipped model (one run, CPU, 1 thread, ~75 min on this 2-core machine; see studies/train_toy.md)
+    python studies/train_toy.py --out schedsearch/toy/model --log studies/results/train_toy \
+        --steps 4000 --batch 16 --turns 3 --rope-theta 20 --pos-aux-layer 1 --bf16 --time-limit 4500
+    python studies/train_toy.py --out schedsearch/toy/model --log studies/results/train_toy --report
     python studies/train_toy.py --probe 20                                         # time 20 steps, exit
 
-Recipe (see studies/train_toy.md for the measured curves and held-out figures):
+Recipe (studies/train_toy.md has the measured curves, held-out figures and what was tried before):
 
 * model: text decoder 8 layers (hidden ``--hidden``, GQA 4/2 heads, SwiGLU), vision tower 2 blocks
-  (patch 4, 2x2 merge): a 128 px image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens;
+  (patch 4, 2x2 merge): a 128 px image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens. The text
+  RoPE base is ``--rope-theta``: Qwen2.5-VL gives the height / width mRoPE sections the *lowest* rotary
+  frequencies, which at base 10000 and head dim 24 turn by < 0.1 rad across 16 tokens of width, so a
+  small decoder cannot tell left from right; base 20 turns them by 1-3 rad;
 * inputs built by the same processor class the loader uses (tokenizer + PIL image processor), with
   ``mm_token_type_ids`` so the decoder sees its 3-D mRoPE positions;
-* loss = answer cross-entropy (answer tokens + ``<|im_end|>``) + ``--aux`` x per-visual-token
-  cross-entropy (a linear probe on the vision tower's merged outputs predicts the colour, shape and
-  size of the object under each token), so visual tokens carry content from the first steps;
-* curriculum: scenes with at most 2 objects for the first ``--curriculum`` steps, then up to 6;
-  AdamW, linear warm-up then cosine decay; fixed seeds; samples drawn from the toy stream
-  ``TRAIN_SEED`` (the held-out stream ``HELDOUT_SEED`` is never trained on).
+* loss = answer cross-entropy (answer tokens + ``<|im_end|>``) + ``--aux`` x auxiliary per-visual-token
+  cross-entropies: a linear probe on the vision tower's merged outputs predicts the colour, shape and size
+  of the object under each token and whether the token holds an object's centre (``AUX_VISION``); with
+  ``--pos-aux-layer L`` a probe on decoder layer L's visual-token states predicts the token's scene-grid
+  row / column (``AUX_POSITION``), so absolute position is carried from the 3-D positions early;
+* ``--turns K``: K questions about one image as a multi-turn chat, all supervised (the image is encoded
+  once for K answers); evaluation is single-turn, the format users and ``schedsearch.toy.eval`` use;
+* curriculum: scenes with at most 2 objects for the first ``--curriculum`` steps, then 4, then up to 6;
+  AdamW, linear warm-up then cosine decay (by steps or by ``--time-limit``, whichever is further);
+  ``--bf16`` autocast; fixed seeds; samples drawn from the toy stream ``TRAIN_SEED`` (the held-out stream
+  ``HELDOUT_SEED`` is never trained on).
 
 Curves go to ``<log>.csv`` (step, loss, aux loss, train accuracy, lr, seconds) and held-out
-evaluations to ``<log>.eval.jsonl``.
+evaluations to ``<log>.eval.jsonl``; ``--report`` writes ``<log>.heldout.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import torch
 from schedsearch.testing.tiny import QWEN_SPECIALS, QWEN_TEMPLATE
 from schedsearch.toy import HELDOUT_SEED, TRAIN_SEED, sample
 from schedsearch.toy.questions import QTYPES, WORDS
-from schedsearch.toy.scenes import COLOURS, IMAGE_SIZE, SHAPES, SIZES, label_map
+from schedsearch.toy.scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, label_map
 
 PATCH, MERGE = 4, 2
 TOKENS_SIDE = IMAGE_SIZE // (PATCH * MERGE)  # 16 -> 256 visual tokens
@@ -56,7 +67,7 @@ def build_image_processor():
                                     size={"shortest_edge": px, "longest_edge": px})
 
 
-def build_model(tok, hidden: int, layers: int, vision_hidden: int):
+def build_model(tok, hidden: int, layers: int, vision_hidden: int, rope_theta: float = 10000.0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -66,7 +77,7 @@ def build_model(tok, hidden: int, layers: int, vision_hidden: int):
                 num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                 vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
                                  "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]})
     vision = dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
                   out_hidden_size=hidden, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
@@ -77,19 +88,33 @@ def build_model(tok, hidden: int, layers: int, vision_hidden: int):
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+#: per-visual-token auxiliary targets (name, classes): what the object covering the token is, and whether the
+#: token holds the object's centre (one token per object, so counting reduces to counting flagged tokens)
+AUX_VISION = (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("size", len(SIZES) + 1), ("centre", 2))
+#: targets read from a decoder layer's hidden state of each visual token: the row and column of the scene grid
+#: cell the token lies in, so the decoder learns to carry absolute position from its 3-D mRoPE positions
+AUX_POSITION = (("cell_row", GRID), ("cell_col", GRID))
+
+
 def token_labels(scene) -> np.ndarray:
-    """(256, 3) per merged visual token: colour (0 = none), shape (0 = none), size (0 = none) of the object
-    covering at least a quarter of the token's 8 x 8 px cell."""
+    """(256, 6) per merged visual token: colour, shape, size (0 = none) of the object covering at least a
+    quarter of the token's 8 x 8 px cell, centre flag (1 = the object's centre pixel is in this token), and the
+    grid cell row / column of the token."""
     lm = label_map(scene)
     s = PATCH * MERGE
     blocks = lm.reshape(TOKENS_SIDE, s, TOKENS_SIDE, s).transpose(0, 2, 1, 3).reshape(-1, s * s)
-    out = np.zeros((blocks.shape[0], 3), dtype=np.int64)
+    out = np.zeros((blocks.shape[0], len(AUX_VISION) + len(AUX_POSITION)), dtype=np.int64)
     colours, sizes = list(COLOURS), list(SIZES)
     for t, blk in enumerate(blocks):
         vals, cnt = np.unique(blk[blk > 0], return_counts=True)
         if len(vals) and cnt.max() >= s * s // 4:
             o = scene.objects[int(vals[cnt.argmax()]) - 1]
-            out[t] = (colours.index(o.colour) + 1, SHAPES.index(o.shape) + 1, sizes.index(o.size) + 1)
+            out[t, :3] = (colours.index(o.colour) + 1, SHAPES.index(o.shape) + 1, sizes.index(o.size) + 1)
+    for o in scene.objects:
+        out[int(o.cy) // s * TOKENS_SIDE + int(o.cx) // s, 3] = 1
+    cell_tokens = TOKENS_SIDE // GRID
+    rows, cols = np.divmod(np.arange(blocks.shape[0]), TOKENS_SIDE)
+    out[:, 4], out[:, 5] = rows // cell_tokens, cols // cell_tokens
     return out
 
 
@@ -164,28 +189,53 @@ def answer_logits_correct(logits, labels):
     return ((pred == tgt) | ~mask).all(-1)
 
 
-def forward(model, head, batch, labels, aux, aux_weight):
+class AuxHeads(torch.nn.Module):
+    """Linear probes for the auxiliary per-visual-token losses (training only; not part of the saved model)."""
+
+    def __init__(self, hidden: int, pos_layer: int):
+        super().__init__()
+        self.pos_layer = pos_layer
+        self.vision = torch.nn.Linear(hidden, sum(n for _, n in AUX_VISION))
+        self.position = torch.nn.Linear(hidden, sum(n for _, n in AUX_POSITION)) if pos_layer >= 0 else None
+
+    @staticmethod
+    def _ce(pred, targets, spec):
+        parts = torch.split(pred, [n for _, n in spec], dim=-1)
+        return sum(torch.nn.functional.cross_entropy(p.reshape(-1, p.shape[-1]), targets[..., k].reshape(-1))
+                   for k, p in enumerate(parts)) / len(spec)
+
+
+def forward(model, heads, batch, labels, aux, aux_weight):
+    """Answer cross-entropy, auxiliary loss (vision-output probe + decoder-layer position probe), exact match."""
     captured = {}
 
     def grab(module, args, kwargs):
         captured["emb"] = kwargs.get("inputs_embeds")
 
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_layer(module, args, output):
+        captured["layer"] = output[0] if isinstance(output, tuple) else output
+
+    hooks = [model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)]
+    if aux_weight > 0 and heads.position is not None:
+        hooks.append(model.model.language_model.layers[heads.pos_layer].register_forward_hook(grab_layer))
     try:
         out = model(**batch, use_cache=False)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
     logits = out.logits.float()
     lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                            ignore_index=-100)
     aux_loss = torch.zeros((), device=logits.device)
     if aux_weight > 0:
         vis = batch["input_ids"] == model.config.image_token_id
-        emb = captured["emb"][vis].reshape(aux.shape[0], aux.shape[1], -1)
-        pred = head(emb.float())
-        parts = torch.split(pred, [len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1], dim=-1)
-        aux_loss = sum(torch.nn.functional.cross_entropy(p.reshape(-1, p.shape[-1]), aux[..., k].reshape(-1))
-                       for k, p in enumerate(parts)) / 3
+        b, n = aux.shape[:2]
+        emb = captured["emb"][vis].reshape(b, n, -1)
+        nv = len(AUX_VISION)
+        aux_loss = heads._ce(heads.vision(emb.float()), aux[..., :nv], AUX_VISION)
+        if heads.position is not None:
+            hid = captured["layer"][vis].reshape(b, n, -1)
+            aux_loss = (aux_loss + heads._ce(heads.position(hid.float()), aux[..., nv:], AUX_POSITION)) / 2
     return lm, aux_loss, answer_logits_correct(logits, labels)
 
 
@@ -292,7 +342,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=96)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vision-hidden", type=int, default=64)
+    ap.add_argument("--rope-theta", type=float, default=10000.0, help="text decoder RoPE base (mRoPE)")
+    ap.add_argument("--pos-aux-layer", type=int, default=-1,
+                    help="decoder layer whose visual-token states get the grid-position probe (-1 = none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for forward/backward (weights and optimizer stay fp32; ~1.3x on AVX512-BF16)")
     ap.add_argument("--turns", type=int, default=1, help="questions per image (multi-turn chat), all supervised")
     ap.add_argument("--init-from", default=None, help="start from a saved model directory instead of random init")
     ap.add_argument("--device", default="cpu")
@@ -330,8 +385,8 @@ def main(argv=None) -> int:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
         model = model.to(device).train()
     else:
-        model = build_model(tok, args.hidden, args.layers, args.vision_hidden).to(device).train()
-    head = torch.nn.Linear(args.hidden, len(COLOURS) + len(SHAPES) + len(SIZES) + 3).to(device)
+        model = build_model(tok, args.hidden, args.layers, args.vision_hidden, args.rope_theta).to(device).train()
+    head = AuxHeads(model.config.text_config.hidden_size, args.pos_aux_layer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
     params = list(model.parameters()) + list(head.parameters())
@@ -369,7 +424,8 @@ def main(argv=None) -> int:
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        lm, aux_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device), args.aux)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            lm, aux_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device), args.aux)
         loss = lm + args.aux * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
