@@ -478,19 +478,45 @@ def optuna_callback(tracker: Tracker, extra_metrics_fn: Callable[[Any, Any], Map
     return callback
 
 
-def backfill_trials(tracker: Tracker, study: Any, callback: Callable[[Any, Any], None]) -> int:
+def _worker_gone(worker: Any, completed: Any, grace_s: float) -> bool:
+    """True when the process that finished a trial can no longer log it: a ``host:pid`` on this host whose pid is
+    gone, or (another host, or no worker recorded) a trial finished more than ``grace_s`` seconds ago; a live
+    worker logs its trial milliseconds after committing it."""
+    import datetime
+    import socket
+
+    host, _, pid = str(worker or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return int(pid) == os.getpid()  # an earlier study in this very process
+    if completed is None:
+        return True
+    now = datetime.datetime.now(completed.tzinfo)
+    return (now - completed).total_seconds() > grace_s
+
+
+def backfill_trials(tracker: Tracker, study: Any, callback: Callable[[Any, Any], None], grace_s: float = 60.0
+                    ) -> int:
     """Log, through ``callback``, every finished trial of ``study`` that has no child run yet; return how many.
 
     A trial is committed to the Optuna storage before its logging callback runs, so a Ctrl-C or SIGKILL
     between the two leaves a finished trial without a child run. Calling this when a study is (re)opened
-    closes that gap; the caller holds the study lock so two workers starting together don't both log one.
+    closes that gap. Trials whose worker may still be about to log them (a live process on this host, or on
+    another host a trial finished within ``grace_s`` seconds) are left to that worker, so workers sharing a
+    study never log a trial twice.
     """
     logged = tracker.logged_trials()
     if logged is None:
         return 0
     n = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and t.number not in logged:
+        if (t.state.is_finished() and t.number not in logged
+                and _worker_gone(t.user_attrs.get("worker"), t.datetime_complete, grace_s)):
             callback(study, t)
             n += 1
     return n

@@ -167,23 +167,44 @@ def test_interrupt_kills_error_fails_and_resume(store):
 
 
 def test_backfill_logs_trials_committed_but_not_logged(store):
-    """A trial committed to the study whose callback never ran (Ctrl-C in between) is logged on reopen, once."""
+    """A trial committed to the study whose callback never ran (Ctrl-C in between) is logged on reopen, once;
+    a trial whose worker is still alive is left to that worker (no double logging between workers)."""
+    import socket
+
     _, uri = store
     tracker = Tracker(uri, experiment="backfill")
     rid = tracker.start_study("gap", {})
     study = optuna.create_study()
-    study.optimize(_objective, n_trials=2, callbacks=[optuna_callback(tracker)])
-    study.optimize(_objective, n_trials=2)  # committed, never logged
-    assert sorted(int(r.data.tags["schedsearch.trial"]) for r in _children(tracker, rid)) == [0, 1]
-    assert tracker.logged_trials() == {0, 1}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
 
-    assert backfill_trials(tracker, study, optuna_callback(tracker)) == 2
-    children = _children(tracker, rid)
-    assert sorted(int(r.data.tags["schedsearch.trial"]) for r in children) == [0, 1, 2, 3]
-    late = {int(r.data.tags["schedsearch.trial"]): r for r in children}[3]
-    assert late.data.metrics["value"] == pytest.approx(study.trials[3].value)
-    assert backfill_trials(tracker, study, optuna_callback(tracker)) == 0  # idempotent
-    tracker.end()
+    def run(worker, n, callbacks=()):
+        def objective(trial):
+            trial.set_user_attr("worker", f"{host}:{worker}")
+            return _objective(trial)
+        study.optimize(objective, n_trials=n, callbacks=list(callbacks))
+
+    try:
+        run(dead.pid, 2, [optuna_callback(tracker)])
+        run(dead.pid, 2)  # committed by a worker that died before logging
+        run(alive.pid, 1)  # committed by a live worker, which will log it itself
+        assert tracker.logged_trials() == {0, 1}
+
+        assert backfill_trials(tracker, study, optuna_callback(tracker)) == 2
+        children = _children(tracker, rid)
+        assert sorted(int(r.data.tags["schedsearch.trial"]) for r in children) == [0, 1, 2, 3]
+        late = {int(r.data.tags["schedsearch.trial"]): r for r in children}[3]
+        assert late.data.metrics["value"] == pytest.approx(study.trials[3].value)
+        assert backfill_trials(tracker, study, optuna_callback(tracker)) == 0  # idempotent
+        # once that worker has died, its trial is backfilled too
+        alive.kill()
+        alive.wait()
+        assert backfill_trials(tracker, study, optuna_callback(tracker)) == 1
+    finally:
+        alive.kill()
+        tracker.end()
 
 
 def test_multi_objective_and_logging_error_does_not_stop_study(store):
