@@ -93,23 +93,11 @@ class Heldout:
     reference: dict = field(default_factory=dict)
 
 
-def region_halves(report: dict) -> dict[str, float | None]:
-    """Accuracy on questions about objects in the top vs bottom half (quadrants "top left", ... weighted by count)."""
-    counts = report.get("counts", {}).get("region", {})
-    out: dict[str, float | None] = {}
-    for half in ("top", "bottom"):
-        keys = [k for k in report.get("by_region", {}) if k.split()[0] == half]
-        n = sum(counts.get(k, 0) for k in keys)
-        out[half] = sum(report["by_region"][k] * counts.get(k, 0) for k in keys) / n if n else None
-        out[f"n_{half}"] = n
-    return out
-
-
 def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset) -> dict:
     """Budget, discrepancy, accuracy and prefill timing of ``schedule`` (None = unpruned) on the held-out set."""
     from schedsearch.evaluation import time_prefill
     from schedsearch.flops import budget_report
-    from schedsearch.toy.eval import accuracy
+    from schedsearch.toy.eval import accuracy, region_halves
 
     obj = held.objective
     n = adapter.num_layers

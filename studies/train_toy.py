@@ -28,7 +28,7 @@ Recipe (studies/train_toy.md has the measured curves, held-out figures and what 
   ``HELDOUT_SEED`` is never trained on).
 
 Curves go to ``<log>.csv`` (step, loss, aux loss, train accuracy, lr, seconds) and held-out
-evaluations to ``<log>.eval.jsonl``; ``--report`` writes ``<log>.heldout.json``.
+evaluations to ``<log>.eval.jsonl``; ``--report`` writes ``<log>.heldout.json`` and the table ``<log>.heldout.md``.
 """
 
 from __future__ import annotations
@@ -297,8 +297,36 @@ def report(args) -> int:
         res[k]["drop_points"] = round(100 * (base - res[k]["overall"]), 2)
     out = Path(f"{args.log}.heldout.json")
     out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(res, indent=1, sort_keys=True))
+    table = heldout_table(res)
+    Path(f"{args.log}.heldout.md").write_text(table + "\n")
+    print(table)
     return 0
+
+
+def heldout_table(res: dict) -> str:
+    """The markdown table of a ``--report`` result (``<log>.heldout.md``; README and studies/train_toy.md embed it)."""
+    from schedsearch.toy.eval import region_halves
+
+    def row(name: str, acc: dict) -> str:
+        h, q = region_halves(acc), acc["by_qtype"]
+        return (f"| {name} | {acc['overall']:.3f} | {q['presence']:.3f} | {q['counting']:.3f} | "
+                f"{q['attribute']:.3f} | {q['spatial']:.3f} | {h['top']:.3f} | {h['bottom']:.3f} |")
+
+    un, l2, l3 = res["unpruned"], res["random_keep0.1_from_layer2"], res["random_keep0.1_from_layer3"]
+    h, q = region_halves(un), un["counts"]["qtype"]
+    return "\n".join([
+        f"Held-out figures (`--report`: greedy answers through `load_model(DIR)`, {un['n']} questions of stream "
+        f"`HELDOUT_SEED`; presence {q['presence']}, counting {q['counting']}, attribute {q['attribute']}, spatial "
+        f"{q['spatial']} of them, spatial ones about the top / bottom half {h['n_top']} / {h['n_bottom']}):", "",
+        "| model | overall | presence | counting | attribute | spatial | top half | bottom half |",
+        "|---|---|---|---|---|---|---|---|",
+        row("unpruned", un),
+        row("random 90 % of visual tokens dropped after layer 2", l2),
+        row("random 90 % dropped after layer 3", l3),
+        "| chance (uniform guess over the allowed answers) | ~0.35 | 0.5 | ~0.14 | ~0.33 | ~0.40 | | |", "",
+        f"Dropping a random 90 % of the visual tokens after layer 2 costs {l2['drop_points']:.1f} points "
+        f"(after layer 3: {l3['drop_points']:.1f}).",
+    ])
 
 
 def plot(logs: list[str], out: str) -> None:

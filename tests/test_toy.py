@@ -138,3 +138,12 @@ def test_shipped_model_accuracy_on_heldout(tmp_path):
     assert rep["overall"] >= SHIPPED_FLOOR, {k: rep[k] for k in ("overall", "by_qtype")}
     for qtype, chance in CHANCE.items():
         assert rep["by_qtype"][qtype] >= chance + 0.12, (qtype, rep["by_qtype"])
+
+
+def test_readme_embeds_the_reported_heldout_table():
+    """README and studies/train_toy.md show exactly the table `train_toy.py --report` wrote for the shipped model."""
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "studies" / "results" / "train_toy.heldout.md").read_text(encoding="utf-8").strip()
+    assert table.count("\n| ") >= 4
+    for doc in ("README.md", "studies/train_toy.md"):
+        assert table in (root / doc).read_text(encoding="utf-8"), doc

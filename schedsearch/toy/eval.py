@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["accuracy", "normalize", "random_drop_schedule"]
+__all__ = ["accuracy", "normalize", "random_drop_schedule", "region_halves"]
 
 
 def normalize(text: str) -> str:
@@ -100,3 +100,15 @@ def random_drop_schedule(adapter: Any, keep: float = 0.1, after_layer: int = 2, 
         "objective": None, "method": {"name": "manual", "params": {"after_layer": after_layer}},
         "provenance": make_provenance().to_dict(),
     })
+
+
+def region_halves(report: dict) -> dict[str, float | None]:
+    """Accuracy on questions about objects in the top vs bottom half (quadrants "top left", ... weighted by count)."""
+    counts = report.get("counts", {}).get("region", {})
+    out: dict[str, float | None] = {}
+    for half in ("top", "bottom"):
+        keys = [k for k in report.get("by_region", {}) if k.split()[0] == half]
+        n = sum(counts.get(k, 0) for k in keys)
+        out[half] = sum(report["by_region"][k] * counts.get(k, 0) for k in keys) / n if n else None
+        out[f"n_{half}"] = n
+    return out
