@@ -20,6 +20,12 @@ Recipe (studies/train_toy.md has the measured curves, held-out figures and what 
   of the object under each token and whether the token holds an object's centre (``AUX_VISION``); with
   ``--pos-aux-layer L`` a probe on decoder layer L's visual-token states predicts the token's scene-grid
   row / column (``AUX_POSITION``), so absolute position is carried from the 3-D positions early;
+* ``--route-aux W`` (off in the shipped recipe; see studies/train_toy.md for what it gave): a routing loss on
+  the attention of the position that predicts each answer (first ``--route-heads`` heads of ``--route-layers``),
+  pushed onto the visual tokens of the objects the question names (``referenced_objects``); needs eager
+  attention in the text decoder (SDPA returns no weights), which costs ~15 % per step. ``--temporal-share``
+  moves rotary pairs from the height / width mRoPE sections to the temporal one, whose dims match content
+  independently of where the object is;
 * ``--turns K``: K questions about one image as a multi-turn chat, all supervised (the image is encoded
   once for K answers); evaluation is single-turn, the format users and ``schedsearch.toy.eval`` use;
 * curriculum: scenes with at most 2 objects for the first ``--curriculum`` steps, then 4, then up to 6;
@@ -67,18 +73,25 @@ def build_image_processor():
                                     size={"shortest_edge": px, "longest_edge": px})
 
 
-def build_model(tok, hidden: int, layers: int, vision_hidden: int, rope_theta: float = 10000.0):
+def build_model(tok, hidden: int, layers: int, vision_hidden: int, rope_theta: float = 10000.0,
+                temporal_share: float = 1 / 3):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     heads = 4
     head_dim = hidden // heads
+    # mRoPE sections (rotary pairs for temporal / height / width; they sum to head_dim / 2). Text tokens after
+    # the image have equal t, h, w, so only the temporal section turns by the same angle for every visual token:
+    # only its dims can match question to image content independently of where the object is.
+    temporal = max(1, round(head_dim // 2 * temporal_share))
+    spatial = (head_dim // 2 - temporal) // 2
+    section = [head_dim // 2 - 2 * spatial, spatial, spatial]
     text = dict(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                 vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
-                                 "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]})
+                                 "mrope_section": section})
     vision = dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
                   out_hidden_size=hidden, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
                   window_size=PATCH * MERGE * 4, fullatt_block_indexes=[1], in_channels=3)
@@ -118,6 +131,40 @@ def token_labels(scene) -> np.ndarray:
     return out
 
 
+def token_objects(scene) -> np.ndarray:
+    """(256,) int: 1 + index of the object covering at least a quarter of each merged visual token (or holding its
+    centre pixel), 0 = background: the tokens a question about that object should be answered from."""
+    lm = label_map(scene)
+    s = PATCH * MERGE
+    blocks = lm.reshape(TOKENS_SIDE, s, TOKENS_SIDE, s).transpose(0, 2, 1, 3).reshape(-1, s * s)
+    out = np.zeros(blocks.shape[0], dtype=np.int64)
+    for t, blk in enumerate(blocks):
+        vals, cnt = np.unique(blk[blk > 0], return_counts=True)
+        if len(vals) and cnt.max() >= s * s // 4:
+            out[t] = int(vals[cnt.argmax()])
+    for i, o in enumerate(scene.objects):
+        out[int(o.cy) // s * TOKENS_SIDE + int(o.cx) // s] = i + 1
+    return out
+
+
+def referenced_objects(scene, prompt: str) -> list[int]:
+    """Indices of the objects a toy question is about, read off its words: each named part ("red circle", "circles",
+    "blue object", "shapes") selects the objects with that colour and/or shape; a relation ("X left of Y",
+    "X above Y") selects both. Empty for a presence question answered "no" (nothing to look at)."""
+    from schedsearch.toy.questions import PLURAL
+
+    singular = {v: k for k, v in PLURAL.items()}
+    parts = prompt.replace(" left of ", " | ").replace(" above ", " | ").split(" | ")
+    found: set[int] = set()
+    for part in parts:
+        words = part.split()
+        colour = next((w for w in words if w in COLOURS), None)
+        shape = next((singular.get(w, w) for w in words if w in SHAPES or w in singular), None)
+        found |= {i for i, o in enumerate(scene.objects)
+                  if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)}
+    return sorted(found)
+
+
 class Batcher:
     """Builds training / evaluation batches through the loader's processor class (left padding)."""
 
@@ -130,7 +177,11 @@ class Batcher:
         return self.proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
     def __call__(self, items):
-        """items: list of (image, [question, ...], scene) -> (batch, labels (B, N), aux (B, 256, 3)).
+        """items: list of (image, [question, ...], scene) -> (batch, labels (B, N), aux (B, 256, 6), route).
+
+        ``route`` = (positions (B, K): the position whose next-token prediction is turn k's first answer token,
+        -1 where turn k is absent or its question names no object present; targets (B, K, 256): uniform over the
+        visual tokens of the objects turn k's question is about).
 
         Several questions of one item become a multi-turn chat about its image (the image sits in the
         first user turn, exactly the single-turn evaluation format); every answer and its
@@ -151,11 +202,24 @@ class Batcher:
         ids = batch["input_ids"]
         start, asst, end = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "assistant", "<|im_end|>"))
         labels = torch.full_like(ids, -100)
+        kmax = max(1 if isinstance(qs, dict) else len(qs) for _, qs, _ in items)
+        route_pos = torch.full((ids.shape[0], kmax), -1, dtype=torch.long)
+        route_tgt = torch.zeros(ids.shape[0], kmax, TOKENS_SIDE * TOKENS_SIDE)
         for i in range(ids.shape[0]):
             row = ids[i].tolist()
+            _, qs, scene = items[i]
+            qs = [qs] if isinstance(qs, dict) else qs
+            tok_obj = token_objects(scene)
+            turn = 0
             j = 1
             while j < len(row):
                 if row[j] == asst and row[j - 1] == start:
+                    objs = referenced_objects(scene, qs[turn]["prompt"])
+                    mask = np.isin(tok_obj, [o + 1 for o in objs]) if objs else np.zeros(len(tok_obj), bool)
+                    if mask.any():
+                        route_pos[i, turn] = j
+                        route_tgt[i, turn] = torch.from_numpy(mask / mask.sum())
+                    turn += 1
                     k = j + 1
                     while k < len(row) and row[k] != end:
                         k += 1
@@ -163,7 +227,7 @@ class Batcher:
                     j = k
                 j += 1
         aux = torch.from_numpy(np.stack([token_labels(s) for _, _, s in items]))
-        return batch, labels, aux
+        return batch, labels, aux, (route_pos, route_tgt)
 
 
 def with_turns(item, seed: int, index: int, turns: int):
@@ -205,8 +269,36 @@ class AuxHeads(torch.nn.Module):
                    for k, p in enumerate(parts)) / len(spec)
 
 
-def forward(model, heads, batch, labels, aux, aux_weight):
-    """Answer cross-entropy, auxiliary loss (vision-output probe + decoder-layer position probe), exact match."""
+def route_loss(attentions, vis, route, layers, n_heads):
+    """Cross-entropy of the routing target against the answer position's attention over the visual tokens.
+
+    For each supervised layer, the first ``n_heads`` heads' attention rows at the position that predicts an
+    answer's first token, renormalized over the visual tokens, are pushed towards the uniform distribution over
+    the tokens of the objects the question names (``Batcher``'s ``route``). Only those heads are constrained;
+    the others stay free. 0 when no turn has a target.
+    """
+    pos, tgt = route
+    keep = pos >= 0
+    if not keep.any():
+        return torch.zeros((), device=tgt.device)
+    b, k = pos.shape
+    n_vis = tgt.shape[-1]
+    vis_idx = vis.nonzero()[:, 1].reshape(b, n_vis)  # (B, 256) column of each visual token
+    total = 0.0
+    for layer in layers:
+        att = attentions[layer][:, :n_heads].float()  # (B, h, L, L)
+        h, seq = att.shape[1], att.shape[-1]
+        rows = att.gather(2, pos.clamp(min=0)[:, None, :, None].expand(b, h, k, seq))  # (B, h, K, L)
+        on_vis = rows.gather(3, vis_idx[:, None, None, :].expand(b, h, k, n_vis))  # (B, h, K, 256)
+        logp = torch.log(on_vis / on_vis.sum(-1, keepdim=True).clamp(min=1e-12) + 1e-9)
+        ce = -(tgt[:, None] * logp).sum(-1)  # (B, h, K)
+        total = total + ce.mean(1)[keep].mean()
+    return total / len(layers)
+
+
+def forward(model, heads, batch, labels, aux, aux_weight, route=None, route_layers=(), route_heads=1):
+    """Answer cross-entropy, auxiliary loss (vision-output probe + decoder-layer position probe [+ routing]),
+    exact match."""
     captured = {}
 
     def grab(module, args, kwargs):
@@ -219,7 +311,7 @@ def forward(model, heads, batch, labels, aux, aux_weight):
     if aux_weight > 0 and heads.position is not None:
         hooks.append(model.model.language_model.layers[heads.pos_layer].register_forward_hook(grab_layer))
     try:
-        out = model(**batch, use_cache=False)
+        out = model(**batch, use_cache=False, output_attentions=bool(route_layers))
     finally:
         for h in hooks:
             h.remove()
@@ -236,7 +328,11 @@ def forward(model, heads, batch, labels, aux, aux_weight):
         if heads.position is not None:
             hid = captured["layer"][vis].reshape(b, n, -1)
             aux_loss = (aux_loss + heads._ce(heads.position(hid.float()), aux[..., nv:], AUX_POSITION)) / 2
-    return lm, aux_loss, answer_logits_correct(logits, labels)
+    r_loss = torch.zeros((), device=logits.device)
+    if route_layers:
+        vis = batch["input_ids"] == model.config.image_token_id
+        r_loss = route_loss(out.attentions, vis, route, route_layers, route_heads)
+    return lm, aux_loss, r_loss, answer_logits_correct(logits, labels)
 
 
 @torch.no_grad()
@@ -245,7 +341,7 @@ def evaluate(model, batcher, n: int, device, bs: int = 50) -> dict:
     per: dict[str, list[int]] = {t: [] for t in QTYPES}
     for s in range(0, n, bs):
         items = [sample(HELDOUT_SEED, i) for i in range(s, min(n, s + bs))]
-        batch, labels, _ = batcher(items)
+        batch, labels, _, _ = batcher(items)
         out = model(**batch.to(device), use_cache=False)
         ok = answer_logits_correct(out.logits.float(), labels.to(device)).tolist()
         for (_, q, _), o in zip(items, ok, strict=True):
@@ -371,8 +467,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vision-hidden", type=int, default=64)
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="text decoder RoPE base (mRoPE)")
+    ap.add_argument("--temporal-share", type=float, default=1 / 3,
+                    help="share of the rotary pairs in the temporal mRoPE section (the rest split between height and "
+                         "width); the temporal dims are the ones that match content position-independently")
     ap.add_argument("--pos-aux-layer", type=int, default=-1,
                     help="decoder layer whose visual-token states get the grid-position probe (-1 = none)")
+    ap.add_argument("--route-aux", type=float, default=0.0,
+                    help="weight of the routing loss: the answer position's attention (first --route-heads heads of "
+                         "the --route-layers) is pushed onto the visual tokens of the objects the question names")
+    ap.add_argument("--route-layers", default="3,5", help="decoder layers whose attention the routing loss supervises")
+    ap.add_argument("--route-heads", type=int, default=1, help="how many heads per layer the routing loss constrains")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast for forward/backward (weights and optimizer stay fp32; ~1.3x on AVX512-BF16)")
@@ -413,7 +517,11 @@ def main(argv=None) -> int:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
         model = model.to(device).train()
     else:
-        model = build_model(tok, args.hidden, args.layers, args.vision_hidden, args.rope_theta).to(device).train()
+        model = build_model(tok, args.hidden, args.layers, args.vision_hidden, args.rope_theta,
+                            args.temporal_share).to(device).train()
+    route_layers = tuple(int(x) for x in args.route_layers.split(",")) if args.route_aux > 0 else ()
+    if route_layers:  # attention weights are only returned by eager attention (SDPA does not materialize them)
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
     head = AuxHeads(model.config.text_config.hidden_size, args.pos_aux_layer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
@@ -435,7 +543,7 @@ def main(argv=None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     csv = None if args.probe else open(f"{log}.csv", "w")
     if csv:
-        csv.write("step,loss,aux_loss,train_acc,lr,max_objects,seconds\n")
+        csv.write("step,loss,aux_loss,route_loss,train_acc,lr,max_objects,seconds\n")
     idx = 0
     gen_t = 0.0
     for step in range(total):
@@ -447,24 +555,27 @@ def main(argv=None) -> int:
         items = [with_turns(sample(TRAIN_SEED, idx + i, max_objects=max_obj), TRAIN_SEED, idx + i, args.turns)
                  for i in range(args.batch)]
         idx += args.batch
-        batch, labels, aux = batcher(items)
+        batch, labels, aux, route = batcher(items)
         gen_t += time.time() - tg
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            lm, aux_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device), args.aux)
-        loss = lm + args.aux * aux_loss
+            lm, aux_loss, r_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device),
+                                               args.aux, tuple(t.to(device) for t in route), route_layers,
+                                               args.route_heads)
+        loss = lm + args.aux * aux_loss + args.route_aux * r_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         el = time.time() - t0
         if csv:
-            csv.write(f"{step},{lm.item():.4f},{aux_loss.item():.4f},{ok.float().mean().item():.4f},{lr:.6f},"
-                      f"{max_obj},{el:.1f}\n")
+            csv.write(f"{step},{lm.item():.4f},{aux_loss.item():.4f},{r_loss.item():.4f},"
+                      f"{ok.float().mean().item():.4f},{lr:.6f},{max_obj},{el:.1f}\n")
         if step % 25 == 0 or args.probe:
-            print(f"step {step} loss {lm.item():.3f} aux {aux_loss.item():.3f} acc {ok.float().mean().item():.2f} "
+            print(f"step {step} loss {lm.item():.3f} aux {aux_loss.item():.3f} route {r_loss.item():.3f} "
+                  f"acc {ok.float().mean().item():.2f} "
                   f"{el:.0f}s ({el / (step + 1):.2f} s/step, data {gen_t / (step + 1):.2f})", flush=True)
             if csv:
                 csv.flush()

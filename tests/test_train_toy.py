@@ -1,0 +1,100 @@
+"""The training script's routing targets: which visual tokens a question is about, and the loss on attention."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+train_toy = pytest.importorskip("train_toy")
+
+from schedsearch.toy.scenes import CELL, Obj, Scene  # noqa: E402
+
+
+def _obj(shape, colour, row, col, size="large"):
+    return Obj(shape=shape, colour=colour, size=size, row=row, col=col, cx=col * CELL + CELL / 2,
+               cy=row * CELL + CELL / 2)
+
+
+SCENE = Scene(objects=(_obj("circle", "red", 0, 0), _obj("square", "red", 3, 3), _obj("circle", "blue", 1, 2),
+                       _obj("triangle", "green", 2, 1, "small")), background=40, noise=0)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("is there a red circle ?", [0]),
+    ("is there a green square ?", []),  # answered "no": nothing to look at
+    ("how many red shapes are there ?", [0, 1]),
+    ("how many circles are there ?", [0, 2]),
+    ("how many shapes are there ?", [0, 1, 2, 3]),
+    ("what colour is the triangle ?", [3]),
+    ("what shape is the blue object ?", [2]),
+    ("what size is the red square ?", [1]),
+    ("which quadrant is the blue circle in ?", [2]),
+    ("is the red circle left of the blue circle ?", [0, 2]),
+    ("is the green triangle above the red square ?", [1, 3]),
+])
+def test_referenced_objects(prompt, expected):
+    assert train_toy.referenced_objects(SCENE, prompt) == expected
+
+
+def test_token_objects_cover_each_object_where_it_is():
+    tok = train_toy.token_objects(SCENE)
+    side = train_toy.TOKENS_SIDE
+    assert tok.shape == (side * side,)
+    for i, o in enumerate(SCENE.objects):
+        rows, cols = np.divmod(np.nonzero(tok == i + 1)[0], side)
+        assert len(rows) >= 1
+        # every token of object i lies inside its grid cell (cells are side // 4 tokens wide)
+        assert set(rows // (side // 4)) == {o.row} and set(cols // (side // 4)) == {o.col}
+
+
+def test_batcher_route_positions_predict_the_answer():
+    from schedsearch.models.qwen_vl import QwenImageProcessor
+    from schedsearch.testing.tiny import QWEN_TEMPLATE
+    from schedsearch.toy.scenes import render
+
+    tok = train_toy.build_tokenizer()
+    proc = QwenImageProcessor(tok, train_toy.build_image_processor(), chat_template=QWEN_TEMPLATE)
+    img = render(SCENE, np.random.default_rng(0))
+    qs = [{"prompt": "what colour is the triangle ?", "answer": "green"},
+          {"prompt": "is there a green square ?", "answer": "no"},
+          {"prompt": "how many red shapes are there ?", "answer": "2"}]
+    batch, labels, _, (pos, tgt) = train_toy.Batcher(proc)([(img, qs, SCENE), (img, qs[:1], SCENE)])
+    assert pos.shape == (2, 3) and tgt.shape == (2, 3, 256)
+    assert pos[0, 1] == -1 and pos[1, 1] == -1 and pos[1, 2] == -1  # "no" answer; absent turns
+    for k, answer in ((0, "green"), (2, "2")):
+        p = int(pos[0, k])
+        # the position predicts the answer's first token (labels are shifted by one in the loss)
+        assert tok.convert_ids_to_tokens(int(labels[0, p + 1])) == answer
+        assert torch.isclose(tgt[0, k].sum(), torch.tensor(1.0))
+    tok_obj = torch.from_numpy(train_toy.token_objects(SCENE))
+    assert set(tok_obj[tgt[0, 0] > 0].tolist()) == {4}
+    assert set(tok_obj[tgt[0, 2] > 0].tolist()) == {1, 2}
+
+
+def test_route_loss_is_minimal_at_the_target():
+    b, seq = 1, 12
+    vis = torch.zeros(b, seq, dtype=torch.bool)
+    vis[0, 2:6] = True
+    pos = torch.tensor([[9]])
+    tgt = torch.tensor([[[0.5, 0.5, 0.0, 0.0]]])
+
+    def attn(row):
+        a = torch.full((b, 2, seq, seq), 1.0 / seq)
+        a[0, :, 9] = row
+        return (a,)
+
+    on_target = torch.zeros(seq)
+    on_target[[2, 3]] = 0.3  # the rest of the mass on text tokens: renormalized away
+    on_target[10] = 0.4
+    off_target = torch.zeros(seq)
+    off_target[[4, 5]] = 0.5
+    lo = train_toy.route_loss(attn(on_target), vis, (pos, tgt), [0], 1)
+    hi = train_toy.route_loss(attn(off_target), vis, (pos, tgt), [0], 1)
+    assert lo == pytest.approx(np.log(2), abs=1e-4)
+    assert hi > lo + 5
+    assert train_toy.route_loss(attn(on_target), vis, (torch.tensor([[-1]]), tgt), [0], 1) == 0
