@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import CalibrationError
+from schedsearch.models.base import IMAGE_MARKER
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -93,6 +94,10 @@ def load_manifest(path: str | Path, *, require_images: bool = True, verify: bool
             raise CalibrationError(f"{where}: \"images\" must be a list of paths")
         if require_images and not imgs:
             raise CalibrationError(f"{where}: the prompt has no image (add \"image\" or \"images\")")
+        markers = prompt.count(IMAGE_MARKER)
+        if markers and markers != len(imgs):
+            raise CalibrationError(f"{where}: the prompt has {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} "
+                                   f"image(s); use one marker per image, or none to put the images first")
         paths = tuple((base / i) if not Path(i).is_absolute() else Path(i) for i in imgs)
         if verify:
             for ip in paths:

@@ -43,6 +43,7 @@ def test_good_manifest(imgs):
     (['{"image": "bad.png", "prompt": "a"}'], "cannot be decoded"),
     (['{"prompt": "a"}'], ":1: the prompt has no image"),
     (['{"image": "i0.png"}'], ":1: missing or empty \"prompt\""),
+    (['{"image": "i0.png", "prompt": "a <image> or <image> ?"}'], ":1: the prompt has 2 <image> marker(s) but 1"),
 ])
 def test_bad_manifests(imgs, lines, expect):
     (imgs / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

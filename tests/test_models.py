@@ -161,3 +161,34 @@ def test_registry_is_lazy():
             "print('transformers' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_image_markers_place_images_in_the_prompt(tiny_adapter):
+    """``<image>`` markers put the images where they stand; without markers they come before the text."""
+    ad = tiny_adapter
+    ims = tiny_images(2)
+    tok = ad.processor.tokenizer
+    question = "what colour is it?"
+    q_ids = tok(question, add_special_tokens=False)["input_ids"]
+
+    def layout(prompt, n):
+        ids = ad.prepare([ims[:n]], [prompt])["input_ids"][0]
+        vis = ad.visual_mask(ids[None])[0].nonzero()[:, 0]
+        row = ids.tolist()
+        starts = [i for i in range(len(row) - len(q_ids) + 1) if row[i:i + len(q_ids)] == q_ids]
+        assert len(starts) == 1, (prompt, row)
+        return int(vis.min()), int(vis.max()), starts[0], len(vis)
+
+    v0, v1, q, n_vis = layout(question, 1)
+    assert v1 < q  # default: the image first
+    v0, v1, q, n = layout(f"{question} <image>", 1)
+    assert n == n_vis
+    # the chat template decides the final layout: Qwen's follows the content order; LLaVA-1.5's (and the tiny
+    # one built like it) writes every image first
+    if not ad.family.startswith("llava"):
+        assert q + len(q_ids) <= v0  # marker after the text: the image follows it
+        v0, v1, q, n = layout(f"<image> {question} <image>", 2)
+        assert n == 2 * n_vis and v0 < q < v1
+    with pytest.raises(ValueError, match="marker"):
+        ad.prepare([ims[:1]], [f"{question} <image> <image>"])
+

@@ -38,6 +38,31 @@ class FamilySpec:
     vision_path: str = ""  # attribute path to the vision tower (its call inputs are recorded for visual_coords)
 
 
+#: Where a prompt wants its images: ``"what is in <image> ?"``. Without markers, images go before the text.
+IMAGE_MARKER = "<image>"
+
+
+def chat_content(prompt: str, n_images: int) -> list[dict]:
+    """The user turn's content list for ``prompt`` and its ``n_images`` images, for a chat template.
+
+    Images take the places of the prompt's ``<image>`` markers, in order (text pieces are stripped); a prompt
+    without markers gets all images before its text, the usual VLM layout. A marker count that differs from
+    the number of images is a ValueError (the manifest loader reports it with file and line first).
+    """
+    parts = prompt.split(IMAGE_MARKER)
+    if len(parts) == 1:
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    if len(parts) - 1 != n_images:
+        raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s)")
+    content: list[dict] = []
+    for k, part in enumerate(parts):
+        if part.strip():
+            content.append({"type": "text", "text": part.strip()})
+        if k < n_images:
+            content.append({"type": "image"})
+    return content
+
+
 class VLMAdapter:
     """Base class of family adapters. Subclasses set ``spec`` and implement the abstract methods."""
 

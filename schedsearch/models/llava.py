@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from schedsearch.models import load_hf_model
-from schedsearch.models.base import FamilySpec, VLMAdapter
+from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
 from schedsearch.models.qwen_vl import _assign_images
 
 __all__ = ["LLAVA_SPECS", "LlavaAdapter", "LlavaNextAdapter"]
@@ -68,7 +68,7 @@ class _LlavaBase(VLMAdapter):
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.processor.tokenizer
         texts = []
         for imgs, prompt in zip(images, prompts, strict=False):
-            content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
+            content = chat_content(prompt, len(imgs))
             texts.append(template_owner.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True))
         flat = [im for imgs in images for im in imgs]

@@ -20,7 +20,7 @@ from typing import Any
 
 from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
-from schedsearch.models.base import FamilySpec, VLMAdapter
+from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
 
 __all__ = ["QWEN_SPECS", "Qwen25VLAdapter", "Qwen2VLAdapter", "QwenImageProcessor", "load_qwen_processor"]
 
@@ -154,7 +154,7 @@ class _QwenAdapter(VLMAdapter):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
         texts = []
         for imgs, prompt in zip(images, prompts, strict=False):
-            content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
+            content = chat_content(prompt, len(imgs))
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True))
         flat = [im for imgs in images for im in imgs]
