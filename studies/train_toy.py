@@ -168,9 +168,10 @@ def referenced_objects(scene, prompt: str) -> list[int]:
 class Batcher:
     """Builds training / evaluation batches through the loader's processor class (left padding)."""
 
-    def __init__(self, proc):
+    def __init__(self, proc, question_first: bool = False):
         self.proc = proc
         self.proc.tokenizer.padding_side = "left"
+        self.question_first = question_first
 
     def prompt_text(self, prompt: str) -> str:
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -193,7 +194,9 @@ class Batcher:
             qs = [qs] if isinstance(qs, dict) else qs
             conv = []
             for k, q in enumerate(qs):
-                content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q["prompt"]}]
+                image = [{"type": "image"}] if k == 0 else []
+                text = [{"type": "text", "text": q["prompt"]}]
+                content = text + image if self.question_first else image + text
                 conv.append({"role": "user", "content": content})
                 conv.append({"role": "assistant", "content": q["answer"]})
             texts.append(self.proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=False))
@@ -477,6 +480,9 @@ def main(argv=None) -> int:
                          "the --route-layers) is pushed onto the visual tokens of the objects the question names")
     ap.add_argument("--route-layers", default="3,5", help="decoder layers whose attention the routing loss supervises")
     ap.add_argument("--route-heads", type=int, default=1, help="how many heads per layer the routing loss constrains")
+    ap.add_argument("--question-first", action="store_true",
+                    help="experiment only: the first question comes before the image in the prompt (the package's "
+                         "loaders put images first, so a model trained this way is not the shipped format)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast for forward/backward (weights and optimizer stay fp32; ~1.3x on AVX512-BF16)")
@@ -509,7 +515,7 @@ def main(argv=None) -> int:
 
     tok, improc = build_tokenizer(), build_image_processor()
     proc = QwenImageProcessor(tok, improc, chat_template=QWEN_TEMPLATE)
-    batcher = Batcher(proc)
+    batcher = Batcher(proc, question_first=args.question_first)
     device = torch.device(args.device)
     if args.init_from:
         from transformers import Qwen2_5_VLForConditionalGeneration
