@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,45 +102,74 @@ def _one_line(err: BaseException) -> str:
 
 
 _CACHE: dict[tuple, Any] = {}
+_SCHEMA_READY: set[str] = set()  # sqlite URLs whose Optuna tables this process has made sure of
 
 
 def make_storage(url: str, hb: HeartbeatSettings | None = None) -> Any:
     """The storage ``optuna.create_study`` / ``load_study`` get for ``url`` (see the module docstring)."""
     if not is_shared(url):
+        if url and str(url).startswith("sqlite:///") and url not in _SCHEMA_READY:
+            # Optuna gets the URL itself (no heartbeats on a one-machine file), but its tables are created here,
+            # under the file lock and with the retry below, so processes starting together do not race on them
+            import optuna
+
+            _open_retrying(url, lambda: _open_rdb(optuna, url, None, None)).engine.dispose()
+            _SCHEMA_READY.add(url)
         return url
     import optuna
 
     hb = hb or HeartbeatSettings.from_env()
     key = (url, hb)
-    if key in _CACHE:
-        return _CACHE[key]
+    if key not in _CACHE:
+        # Optuna 4.9+ names the retry callback RetryHeartbeatStaleTrialCallback (the old RetryFailedTrialCallback
+        # is a deprecated alias); both mark a retry with system attrs "failed_trial" / "retry_history".
+        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        _CACHE[key] = _open_retrying(url, lambda: _open_rdb(optuna, url, hb, retry_cls))
+    return _CACHE[key]
+
+
+def _open_retrying(url: str, open_fn: Any) -> Any:
+    """``open_fn()``, retried when the schema was being created by a process outside our lock at that moment
+    (optuna-dashboard, a script calling ``optuna.load_study``): its rows are there on the next try. Any other
+    failure, or a third race, is one StorageError line."""
+    for attempt in range(3):
+        try:
+            return open_fn()
+        except SchedsearchError:
+            raise
+        except Exception as err:  # noqa: BLE001 - connection refused, bad credentials, unknown database...
+            if attempt < 2 and _is_schema_race(err):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StorageError(f"cannot open study storage {redact(url)}: {_one_line(err)}") from None
+    raise AssertionError("unreachable")
+
+
+def _is_schema_race(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}"
+    return any(s in text for s in ("IntegrityError", "UniqueViolation", "already exists", "UNIQUE constraint"))
+
+
+def _open_rdb(optuna: Any, url: str, hb: HeartbeatSettings | None, retry_cls: Any) -> Any:
+    """Optuna's RDBStorage for ``url`` (with heartbeats unless ``hb`` is None)."""
     import warnings
 
-    # Optuna 4.9+ names the retry callback RetryHeartbeatStaleTrialCallback (the old RetryFailedTrialCallback
-    # is a deprecated alias); both mark a retry with system attrs "failed_trial" / "retry_history".
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    try:
-        # RDBStorage creates Optuna's tables on first use; workers starting together on a fresh database
-        # would race on CREATE TABLE (duplicate pg_type rows), so schema creation is serialised by a lock
-        with study_lock(url, "<optuna schema>"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            if retry_cls is not None:
-                storage = optuna.storages.RDBStorage(
-                    driver_url(url), engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
-                    heartbeat_stale_trial_callback=retry_cls(max_retry=hb.max_retry))
-            else:  # Optuna < 4.9
-                storage = optuna.storages.RDBStorage(
-                    driver_url(url), engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
-                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=hb.max_retry))
-    except SchedsearchError:
-        raise
-    except Exception as err:  # noqa: BLE001 - connection refused, bad credentials, unknown database...
-        raise StorageError(f"cannot open study storage {redact(url)}: {_one_line(err)}") from None
-    _CACHE[key] = storage
-    return storage
+    # RDBStorage creates Optuna's tables on first use; workers starting together on a fresh database
+    # would race on CREATE TABLE (duplicate pg_type rows), so schema creation is serialised by a lock
+    with study_lock(url, "<optuna schema>"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if hb is None:
+            return optuna.storages.RDBStorage(url)
+        if retry_cls is not None:
+            return optuna.storages.RDBStorage(
+                driver_url(url), engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
+                heartbeat_stale_trial_callback=retry_cls(max_retry=hb.max_retry))
+        return optuna.storages.RDBStorage(  # Optuna < 4.9
+            driver_url(url), engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=hb.heartbeat_s, grace_period=hb.grace_s,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=hb.max_retry))
 
 
 @contextlib.contextmanager

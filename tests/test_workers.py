@@ -186,3 +186,40 @@ def test_unreachable_storage_is_one_line_without_password(tmp_path, manifest):
     assert proc.returncode != 0 and len(errs) == 1, proc.stderr
     assert "postgresql://u:***@127.0.0.1:1/db" in errs[0] and "s3cret" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_schema_race_with_a_foreign_process_is_retried(tmp_path, monkeypatch):
+    """Another process (optuna-dashboard, a script's optuna.load_study) creating the schema at the same moment
+    fails our first open with a unique-constraint error; the retry opens the now complete schema."""
+    import optuna
+
+    from schedsearch import storage as st
+    from schedsearch.storage import StorageError
+
+    url = f"sqlite:///{tmp_path}/race.db"
+    real, calls = st._open_rdb, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            optuna.storages.RDBStorage(url)  # the "foreign" process wins the race
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
+        return real(*args)
+
+    monkeypatch.setattr(st, "_open_rdb", flaky)
+    monkeypatch.setattr(st, "_SCHEMA_READY", set())
+    storage = st.make_storage(url)
+    assert len(calls) == 2 and storage == url  # sqlite: Optuna gets the URL, its tables exist now
+    st.make_storage(url)
+    assert len(calls) == 2  # once per process
+    optuna.create_study(storage=storage, study_name="after-race").optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("unable to open database file")
+
+    monkeypatch.setattr(st, "_open_rdb", broken)
+    calls.clear()
+    with pytest.raises(StorageError, match="unable to open database file"):
+        st.make_storage(f"sqlite:///{tmp_path}/other.db")
+    assert len(calls) == 1  # only a schema race is retried
