@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import SchedsearchError
+from schedsearch.search.interrupt import SigintGuard, fail_running
 from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
 
 
@@ -225,9 +226,26 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
 
+    guard = SigintGuard()  # Ctrl-C: the asked trial is marked FAIL, never left RUNNING (interrupt.py)
+
     def evaluate(ratios: list[float]) -> float:
+        guard.checkpoint()
         t0 = time.perf_counter()
         trial = study.ask()
+        try:
+            _record(trial, ratios)
+            with guard.computing():
+                value = obj.score({"keep_ratios": ratios, "scorer": ctx.scorer})
+        except BaseException:
+            fail_running(study, trial)
+            raise
+        trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
+        frozen = study.tell(trial, value)
+        for cb in callbacks:
+            cb(study, frozen)
+        return value
+
+    def _record(trial: Any, ratios: list[float]) -> None:
         trial.set_user_attr("worker", worker_id())
         b = budget_dict(obj, ratios, settings)
         trial.set_user_attr("keep_ratios", ratios)
@@ -236,29 +254,24 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
         trial.set_constraint("budget", b["achieved"] - settings.budget)
-        value = obj.score({"keep_ratios": ratios, "scorer": ctx.scorer})
-        trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
-        frozen = study.tell(trial, value)
-        for cb in callbacks:
-            cb(study, frozen)
-        return value
 
-    if ctx.scorer.get("name") == "auto":
-        # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
-        from schedsearch.search.fixed import uniform
-        from schedsearch.search.methods import SCORER_CHOICES
+    with guard:
+        if ctx.scorer.get("name") == "auto":
+            # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
+            from schedsearch.search.fixed import uniform
+            from schedsearch.search.methods import SCORER_CHOICES
 
-        probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
-        scores = {}
-        for key, sc in SCORER_CHOICES.items():
-            ctx.scorer = sc
-            scores[key] = evaluate(probe)
-        ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
-    g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
-    if s.get("tolerance") is not None:
-        ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])
-    else:
-        ratios, tol = g.at_budget(bfn, settings.budget)
+            probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
+            scores = {}
+            for key, sc in SCORER_CHOICES.items():
+                ctx.scorer = sc
+                scores[key] = evaluate(probe)
+            ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
+        g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
+        if s.get("tolerance") is not None:
+            ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])
+        else:
+            ratios, tol = g.at_budget(bfn, settings.budget)
     cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1], "evaluations": len(g.memo)},
                      ctx.scorer)
     sched = cand.as_schedule_dict()

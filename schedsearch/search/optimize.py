@@ -23,6 +23,7 @@ from typing import Any
 
 from schedsearch.errors import SchedsearchError
 from schedsearch.search.budget import InfeasibleBudget
+from schedsearch.search.interrupt import SigintGuard
 from schedsearch.search.methods import METHODS, Candidate, SearchContext, baseline_candidate
 from schedsearch.search.objective import Objective
 
@@ -203,7 +204,8 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
         trial.set_constraint("budget", b["achieved"] - settings.budget)  # feasible when <= 0
-        value = obj.score(cand.as_schedule_dict())
+        with guard.computing():
+            value = obj.score(cand.as_schedule_dict())
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         return value
 
@@ -212,8 +214,10 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         check_study_name(settings)
         study = open_study(settings)
     # --trials = trials this invocation runs (Optuna's CLI semantics): --resume adds N, N workers add N each
-    study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
-                   catch=(InfeasibleBudget,))
+    guard = SigintGuard(study)
+    with guard:  # Ctrl-C never lands inside a trial's storage write (interrupt.py)
+        study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
+                       catch=(InfeasibleBudget,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise SearchError("no trial finished: nothing to write (raise --trials or --timeout)")
@@ -283,15 +287,18 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
         trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
-        value = obj.score(cand.as_schedule_dict())
+        with guard.computing():
+            value = obj.score(cand.as_schedule_dict())
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
         return value, b["achieved"]
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
     if study is None:
         study = open_study(settings, pareto=True)
-    study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
-                   catch=(InfeasibleBudget,))
+    guard = SigintGuard(study)
+    with guard:
+        study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),
+                       catch=(InfeasibleBudget,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     per_budget: dict[float, dict] = {}
     for b in sorted(budgets):
