@@ -233,7 +233,15 @@ class Batcher:
         return batch, labels, aux, (route_pos, route_tgt)
 
 
-def with_turns(item, seed: int, index: int, turns: int):
+def forced_qtype(seed: int, index: int, k: int, presence_share: float) -> str | None:
+    """``"presence"`` for a ``presence_share`` fraction of questions (deterministic per (seed, index, k)), else
+    None (the generator's uniform draw over the four types, so the default 0 changes nothing)."""
+    if presence_share <= 0:
+        return None
+    return "presence" if np.random.default_rng([seed, index, k, 7]).random() < presence_share else None
+
+
+def with_turns(item, seed: int, index: int, turns: int, presence_share: float = 0.0):
     """Add ``turns - 1`` more questions about the same scene (drawn from their own (seed, index, k) stream)."""
     from schedsearch.toy.questions import make_question
 
@@ -242,7 +250,8 @@ def with_turns(item, seed: int, index: int, turns: int):
     k = 0
     while len(qs) < turns:
         k += 1
-        extra = make_question(scene, np.random.default_rng([seed, index, k]))
+        extra = make_question(scene, np.random.default_rng([seed, index, k]),
+                              forced_qtype(seed, index, k, presence_share))
         if extra is not None:
             qs.append(extra)
     return img, qs, scene
@@ -483,6 +492,9 @@ def main(argv=None) -> int:
     ap.add_argument("--question-first", action="store_true",
                     help="experiment only: the first question comes before the image in the prompt (the package's "
                          "loaders put images first, so a model trained this way is not the shipped format)")
+    ap.add_argument("--presence-share", type=float, default=0.0,
+                    help="experiment: this fraction of training questions are presence questions (0 = the "
+                         "generator's uniform mix over the four types, about 1/4 each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast for forward/backward (weights and optimizer stay fp32; ~1.3x on AVX512-BF16)")
@@ -558,7 +570,9 @@ def main(argv=None) -> int:
         else:
             max_obj = 2 if step < args.curriculum else (4 if step < 2 * args.curriculum else 6)
         tg = time.time()
-        items = [with_turns(sample(TRAIN_SEED, idx + i, max_objects=max_obj), TRAIN_SEED, idx + i, args.turns)
+        items = [with_turns(sample(TRAIN_SEED, idx + i, max_objects=max_obj,
+                                   qtype=forced_qtype(TRAIN_SEED, idx + i, 0, args.presence_share)),
+                            TRAIN_SEED, idx + i, args.turns, args.presence_share)
                  for i in range(args.batch)]
         idx += args.batch
         batch, labels, aux, route = batcher(items)

@@ -98,3 +98,16 @@ def test_route_loss_is_minimal_at_the_target():
     assert lo == pytest.approx(np.log(2), abs=1e-4)
     assert hi > lo + 5
     assert train_toy.route_loss(attn(on_target), vis, (torch.tensor([[-1]]), tgt), [0], 1) == 0
+
+
+def test_presence_share_sets_the_share_of_presence_questions():
+    draws = [train_toy.forced_qtype(1, i, k, 0.5) for i in range(400) for k in range(3)]
+    share = draws.count("presence") / len(draws)
+    assert 0.45 < share < 0.55 and set(draws) == {"presence", None}
+    assert draws == [train_toy.forced_qtype(1, i, k, 0.5) for i in range(400) for k in range(3)]  # deterministic
+    assert all(train_toy.forced_qtype(1, i, 0, 0.0) is None for i in range(50))  # default: generator's mix
+    from schedsearch.toy import sample
+
+    item = sample(1, 5, qtype=train_toy.forced_qtype(1, 5, 0, 1.0))
+    img, qs, _ = train_toy.with_turns(item, 1, 5, 3, presence_share=1.0)
+    assert [q["qtype"] for q in qs] == ["presence"] * 3
