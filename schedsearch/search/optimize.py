@@ -144,6 +144,7 @@ def open_study(settings: StudySettings, *, pareto: bool = False) -> Any:
 
     from schedsearch.storage import make_storage
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line between our own output
     if pareto:
         sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
             optuna.samplers.NSGAIISampler(seed=settings.seed)
