@@ -32,7 +32,7 @@ def _run(args, cwd):
 @pytest.mark.parametrize("args,expect", [
     (["--budget", "0"], "outside (0, 1]"),
     (["--budget", "1.5"], "outside (0, 1]"),
-    (["--budget", "0.2", "--method", "nope"], "--method 'nope' is not known"),
+    (["--budget", "0.2", "--method", "nope"], "--method 'nope' is not known: use gsearch, pcosine, psigmoid or vflow"),
     (["--budget", "0.2", "--sampler", "nope"], "--sampler 'nope' is not known"),
     (["--budget", "0.2", "--budget-kind", "watts"], "--budget-kind 'watts' is not known"),
     ([], "--budget is required"),
@@ -41,6 +41,17 @@ def test_bad_settings(tmp_path, manifest, args, expect):
     rc, errs, raw = _run([*args, "--calibration", str(manifest)], tmp_path)
     assert rc != 0 and len(errs) == 1 and expect in errs[0], raw
     assert "Traceback" not in raw
+
+
+def test_missing_manifest_is_reported_before_an_existing_study(tmp_path, manifest):
+    """A wrong --calibration path is the error to show, even when the derived study name already exists."""
+    import optuna
+
+    (tmp_path / ".schedsearch").mkdir()
+    optuna.create_study(study_name="toy-psigmoid-flops0.2-tpe-seed0",
+                        storage=f"sqlite:///{tmp_path}/.schedsearch/studies.db")
+    rc, errs, raw = _run(["--budget", "0.2", "--calibration", "nope.jsonl"], tmp_path)
+    assert rc != 0 and len(errs) == 1 and "nope.jsonl does not exist" in errs[0], raw
 
 
 def test_unknown_config_key(tmp_path, manifest):

@@ -136,6 +136,8 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     if s.get("budget") is None:
         raise SearchError("--budget is required, e.g. --budget 0.2 (kept fraction of decoder prefill FLOPs)")
     budgets = _parse_budgets(s["budget"], bool(s.get("pareto")))
+    if s["method"] not in ("psigmoid", "pcosine", "gsearch", "vflow"):
+        raise SearchError(f"--method {s['method']!r} is not known: use gsearch, pcosine, psigmoid or vflow")
     settings = StudySettings(
         budget=max(budgets), kind=s["budget_kind"],
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
@@ -148,8 +150,6 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     known = ("auto", "last_token_attention", "text_attention", "uniform", "random")
     if s["scorer"] not in known:
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
-    if s["method"] not in ("psigmoid", "pcosine", "gsearch", "vflow"):
-        raise SearchError(f"--method {s['method']!r} is not known: use psigmoid, pcosine, vflow or gsearch")
     settings.method = s["method"]
     if settings.storage is None:
         Path(".schedsearch").mkdir(exist_ok=True)
@@ -157,10 +157,9 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     settings.study_name = settings.study_name or _study_name(s)
     from schedsearch.search.optimize import check_study_name
 
-    check_study_name(settings)  # before loading anything or opening a tracking run
-
     calib = Path(s["calibration"]) if s.get("calibration") else _default_calibration(str(s["model"]))
-    samples = load_manifest(calib)
+    samples = load_manifest(calib)  # a bad manifest is the first thing to hear about
+    check_study_name(settings)  # before loading the model or opening a tracking run
     from schedsearch.calibration import calibration_hash
 
     calib_hash = calibration_hash(samples)
