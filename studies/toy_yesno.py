@@ -54,6 +54,31 @@ def yes_no_logits(model_dir: str, qtype: str, n: int, bs: int = 40) -> tuple[np.
     return np.array(diff), np.array(ans)
 
 
+PAIRS = (("yes", "no"), ("red", "blue"), ("green", "yellow"), ("circle", "square"), ("top", "bottom"),
+         ("left", "right"), ("1", "2"))
+
+
+def word_rows(model_dir: str) -> list[str]:
+    """Cosine between the rows of word pairs in the input embedding and in the output head (the same matrix when
+    the model ties them): rows near cos 1 are words the model can hardly tell apart, as input or as answer."""
+    import json
+
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    vocab = json.loads((Path(model_dir) / "tokenizer.json").read_text())["model"]["vocab"]
+    mats = {"input embedding": sd["model.embed_tokens.weight"].float()}
+    if "lm_head.weight" in sd:
+        mats["output head"] = sd["lm_head.weight"].float()
+    head = "| matrix | " + " | ".join(f"{a} / {b}" for a, b in PAIRS) + " |"
+    out = [head, "|---" * (len(PAIRS) + 1) + "|"]
+    for name, w in mats.items():
+        cos = [torch.nn.functional.cosine_similarity(w[vocab[a]], w[vocab[b]], dim=0).item() for a, b in PAIRS]
+        tied = " (tied: also the output head)" if len(mats) == 1 else ""
+        out.append(f"| {name}{tied} | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
+    return out
+
+
 def row(name: str, d: np.ndarray, a: np.ndarray) -> str:
     acc = float(((d > 0) == a).mean())
     gap = float(d[a].mean() - d[~a].mean())
@@ -80,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("spatial", "spatial yes/no (is X left of / above Y ?)")):
         d, a = yes_no_logits(args.model, qtype, args.n)
         lines.append(row(name, d, a))
+    lines += ["", "Cosine between the rows of word pairs (1.0 = the model cannot tell the two words apart):", "",
+              *word_rows(args.model)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -74,7 +74,7 @@ def build_image_processor():
 
 
 def build_model(tok, hidden: int, layers: int, vision_hidden: int, rope_theta: float = 10000.0,
-                temporal_share: float = 1 / 3):
+                temporal_share: float = 1 / 3, tie: bool = True):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -89,7 +89,7 @@ def build_model(tok, hidden: int, layers: int, vision_hidden: int, rope_theta: f
     text = dict(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                 vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie,
                 rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
                                  "mrope_section": section})
     vision = dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
@@ -263,6 +263,20 @@ def answer_logits_correct(logits, labels):
     tgt = labels[:, 1:]
     mask = tgt != -100
     return ((pred == tgt) | ~mask).all(-1)
+
+
+def param_groups(model, head, decay_embeddings: bool = True, decay: float = 0.01) -> list[dict]:
+    """AdamW groups. With ``decay_embeddings=False`` the embeddings (word rows and the vision patch embedding), the
+    output head and the norm gains get no weight decay: decay shrinks the small differences between the rows of
+    words that play one role (yes / no, the colour names), which collapsed in the tied shipped model
+    (``studies/toy_yesno.py``)."""
+    params = list(model.parameters()) + list(head.parameters())
+    if decay_embeddings:
+        return [{"params": params, "weight_decay": decay}]
+    plain = {id(p) for n, p in model.named_parameters()
+             if "embed" in n or "norm" in n or n.endswith("lm_head.weight")}
+    return [{"params": [p for p in params if id(p) not in plain], "weight_decay": decay},
+            {"params": [p for p in params if id(p) in plain], "weight_decay": 0.0}]
 
 
 class AuxHeads(torch.nn.Module):
@@ -495,6 +509,11 @@ def main(argv=None) -> int:
     ap.add_argument("--presence-share", type=float, default=0.0,
                     help="experiment: this fraction of training questions are presence questions (0 = the "
                          "generator's uniform mix over the four types, about 1/4 each)")
+    ap.add_argument("--untie", action="store_true",
+                    help="separate output head (tie_word_embeddings=False); tied, the rows of words that play the "
+                         "same role (yes/no, colour names) collapse onto each other")
+    ap.add_argument("--no-decay-embeddings", dest="decay_embeddings", action="store_false",
+                    help="no weight decay on embeddings, the output head and norm gains")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast for forward/backward (weights and optimizer stay fp32; ~1.3x on AVX512-BF16)")
@@ -536,7 +555,7 @@ def main(argv=None) -> int:
         model = model.to(device).train()
     else:
         model = build_model(tok, args.hidden, args.layers, args.vision_hidden, args.rope_theta,
-                            args.temporal_share).to(device).train()
+                            args.temporal_share, tie=not args.untie).to(device).train()
     route_layers = tuple(int(x) for x in args.route_layers.split(",")) if args.route_aux > 0 else ()
     if route_layers:  # attention weights are only returned by eager attention (SDPA does not materialize them)
         model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
@@ -544,7 +563,7 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, head, args.decay_embeddings), lr=args.lr, betas=(0.9, 0.98))
     total = args.probe or args.steps
 
     t0 = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import nullcontext
 
 import optuna
 import pytest
@@ -94,21 +95,13 @@ def test_ask_tell_loop_checkpoint_and_fail_running():
                 try:
                     if i == 1:
                         _sigint()  # outside computing(): deferred to the next checkpoint
-                    with guard.computing() if i != 1 else _null():
+                    with guard.computing() if i != 1 else nullcontext():
                         value = trial.suggest_float("x", 0, 1)
                 except BaseException:
                     fail_running(study, trial)
                     raise
                 study.tell(trial, value)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.COMPLETE]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def test_gsearch_interrupted_mid_trial_leaves_no_running_trial(monkeypatch):

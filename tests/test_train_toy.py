@@ -111,3 +111,21 @@ def test_presence_share_sets_the_share_of_presence_questions():
     item = sample(1, 5, qtype=train_toy.forced_qtype(1, 5, 0, 1.0))
     img, qs, _ = train_toy.with_turns(item, 1, 5, 3, presence_share=1.0)
     assert [q["qtype"] for q in qs] == ["presence"] * 3
+
+
+def test_untied_model_and_no_decay_groups():
+    tok = train_toy.build_tokenizer()
+    tied = train_toy.build_model(tok, 32, 2, 16)
+    untied = train_toy.build_model(tok, 32, 2, 16, tie=False)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+    head = train_toy.AuxHeads(32, -1)
+    n_all = len(list(untied.parameters())) + len(list(head.parameters()))
+    (one,) = train_toy.param_groups(untied, head)
+    assert one["weight_decay"] > 0 and len(one["params"]) == n_all  # the shipped recipe: decay everywhere
+    decayed, plain = train_toy.param_groups(untied, head, decay_embeddings=False)
+    assert plain["weight_decay"] == 0 and len(decayed["params"]) + len(plain["params"]) == n_all
+    ids = {id(p) for p in plain["params"]}
+    assert id(untied.lm_head.weight) in ids and id(untied.get_input_embeddings().weight) in ids
+    q_proj = untied.model.language_model.layers[0].self_attn.q_proj.weight
+    assert id(q_proj) not in ids
