@@ -1,7 +1,7 @@
 """Does the toy model's yes/no answer depend on the image?
 
-For held-out questions whose answer is "yes" or "no" (all presence questions, and the spatial
-"is X left of / above Y ?" ones) this reads the model's next-token logits at the answer position
+For held-out questions whose answer is "yes" or "no" (all presence questions, the spatial
+"is X left of / above Y ?" ones, and train_toy's single-attribute training aid asked about held-out scenes) this reads the model's next-token logits at the answer position
 (teacher-forced, the prompt exactly as in training and evaluation) and reports, per question kind,
 how much ``logit(yes) - logit(no)`` varies across images and whether it separates the two answers.
 A model that looks at the image for these questions has a spread of several nats and a positive
@@ -37,7 +37,11 @@ def yes_no_logits(model_dir: str, qtype: str, n: int, bs: int = 40) -> tuple[np.
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     items, i = [], 0
     while len(items) < n:
-        it = sample(HELDOUT_SEED, i, qtype=qtype)
+        if qtype == "single":  # train_toy's single-attribute training aid, asked about held-out scenes
+            img, _, scene = sample(HELDOUT_SEED, i)
+            it = (img, T.single_attribute_yesno(scene, np.random.default_rng([HELDOUT_SEED, i, 99])), scene)
+        else:
+            it = sample(HELDOUT_SEED, i, qtype=qtype)
         i += 1
         if it[1]["answer"] in ("yes", "no"):
             items.append(it)
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
              "correlation with the answer | accuracy of its sign |",
              "|---|---|---|---|---|---|---|"]
     for qtype, name in (("presence", "presence (is there a red triangle ?)"),
-                        ("spatial", "spatial yes/no (is X left of / above Y ?)")):
+                        ("spatial", "spatial yes/no (is X left of / above Y ?)"),
+                        ("single", "single attribute (is there a red shape ? / is there a circle ?)")):
         d, a = yes_no_logits(args.model, qtype, args.n)
         lines.append(row(name, d, a))
     lines += ["", "Cosine between the rows of word pairs (1.0 = the model cannot tell the two words apart):", "",

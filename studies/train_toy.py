@@ -241,7 +241,23 @@ def forced_qtype(seed: int, index: int, k: int, presence_share: float) -> str | 
     return "presence" if np.random.default_rng([seed, index, k, 7]).random() < presence_share else None
 
 
-def with_turns(item, seed: int, index: int, turns: int, presence_share: float = 0.0):
+def single_attribute_yesno(scene, rng: np.random.Generator) -> dict:
+    """Training aid (not a held-out question type): "is there a red shape ?" / "is there a circle ?", yes / no
+    balanced. One attribute, no binding: a yes/no question the image answers through the per-token features the
+    vision probe already supervises."""
+    from schedsearch.toy.scenes import COLOURS, SHAPES
+
+    by_colour = bool(rng.integers(0, 2))
+    values = list(COLOURS) if by_colour else list(SHAPES)
+    present = sorted({o.colour if by_colour else o.shape for o in scene.objects})
+    absent = [v for v in values if v not in present]
+    yes = bool(rng.integers(0, 2)) or not absent
+    v = (present if yes else absent)[int(rng.integers(0, len(present if yes else absent)))]
+    prompt = f"is there a {v} shape ?" if by_colour else f"is there a {v} ?"
+    return {"prompt": prompt, "answer": "yes" if yes else "no", "qtype": "presence1"}
+
+
+def with_turns(item, seed: int, index: int, turns: int, presence_share: float = 0.0, single_share: float = 0.0):
     """Add ``turns - 1`` more questions about the same scene (drawn from their own (seed, index, k) stream)."""
     from schedsearch.toy.questions import make_question
 
@@ -250,8 +266,11 @@ def with_turns(item, seed: int, index: int, turns: int, presence_share: float = 
     k = 0
     while len(qs) < turns:
         k += 1
-        extra = make_question(scene, np.random.default_rng([seed, index, k]),
-                              forced_qtype(seed, index, k, presence_share))
+        qrng = np.random.default_rng([seed, index, k])
+        if single_share > 0 and np.random.default_rng([seed, index, k, 11]).random() < single_share:
+            extra = single_attribute_yesno(scene, qrng)
+        else:
+            extra = make_question(scene, qrng, forced_qtype(seed, index, k, presence_share))
         if extra is not None:
             qs.append(extra)
     return img, qs, scene
@@ -509,6 +528,9 @@ def main(argv=None) -> int:
     ap.add_argument("--presence-share", type=float, default=0.0,
                     help="experiment: this fraction of training questions are presence questions (0 = the "
                          "generator's uniform mix over the four types, about 1/4 each)")
+    ap.add_argument("--single-yesno-share", type=float, default=0.0,
+                    help="experiment: this fraction of the 2nd..last questions per image are single-attribute "
+                         "yes/no questions ('is there a red shape ?'), a training aid outside the held-out types")
     ap.add_argument("--untie", action="store_true",
                     help="separate output head (tie_word_embeddings=False); tied, the rows of words that play the "
                          "same role (yes/no, colour names) collapse onto each other")
@@ -591,7 +613,7 @@ def main(argv=None) -> int:
         tg = time.time()
         items = [with_turns(sample(TRAIN_SEED, idx + i, max_objects=max_obj,
                                    qtype=forced_qtype(TRAIN_SEED, idx + i, 0, args.presence_share)),
-                            TRAIN_SEED, idx + i, args.turns, args.presence_share)
+                            TRAIN_SEED, idx + i, args.turns, args.presence_share, args.single_yesno_share)
                  for i in range(args.batch)]
         idx += args.batch
         batch, labels, aux, route = batcher(items)

@@ -129,3 +129,19 @@ def test_untied_model_and_no_decay_groups():
     assert id(untied.lm_head.weight) in ids and id(untied.get_input_embeddings().weight) in ids
     q_proj = untied.model.language_model.layers[0].self_attn.q_proj.weight
     assert id(q_proj) not in ids
+
+
+def test_single_attribute_yesno_answers_from_the_scene():
+    answers = []
+    for i in range(200):
+        q = train_toy.single_attribute_yesno(SCENE, np.random.default_rng(i))
+        word = q["prompt"].split()[3]
+        present = {o.colour for o in SCENE.objects} | {o.shape for o in SCENE.objects}
+        assert q["answer"] == ("yes" if word in present else "no"), q
+        if "shape" in q["prompt"]:  # colour questions: SCENE lacks yellow, so "no" is possible
+            answers.append(q["answer"])
+        else:  # SCENE holds all three shapes: a shape question can only be answered "yes"
+            assert q["answer"] == "yes"
+    assert len(answers) > 60 and 0.35 < answers.count("yes") / len(answers) < 0.65  # balanced
+    tok = train_toy.build_tokenizer()
+    assert tok.unk_token_id not in tok("is there a red shape ?")["input_ids"]
