@@ -1,11 +1,14 @@
-"""Does the toy model's yes/no answer depend on the image?
+"""Does the toy model's yes/no answer depend on the image, and does it read the question's words?
 
 For held-out questions whose answer is "yes" or "no" (all presence questions, the spatial
-"is X left of / above Y ?" ones, and train_toy's single-attribute training aid asked about held-out scenes) this reads the model's next-token logits at the answer position
-(teacher-forced, the prompt exactly as in training and evaluation) and reports, per question kind,
-how much ``logit(yes) - logit(no)`` varies across images and whether it separates the two answers.
-A model that looks at the image for these questions has a spread of several nats and a positive
-gap between "yes" and "no" items; one that answers from the question alone has neither.
+"is X left of / above Y ?" ones, and train_toy's single-attribute training aid asked about
+held-out scenes) this reads the model's next-token logits at the answer position (teacher-forced,
+the prompt exactly as in training and evaluation) and reports, per question kind, how much
+``logit(yes) - logit(no)`` varies across images and whether it separates the two answers. A model
+that looks at the image for these questions has a spread of several nats and a positive gap between
+"yes" and "no" items; one that answers from the question alone has neither. It also prints the
+cosine between the embedding rows of word pairs, and counting accuracy split by what the question
+names (every shape, one colour, one shape).
 
     python studies/toy_yesno.py [--model DIR] [--n 400] [--out studies/results/toy_yesno.md]
 """
@@ -90,6 +93,41 @@ def row(name: str, d: np.ndarray, a: np.ndarray) -> str:
             f"{np.corrcoef(d, a)[0, 1]:+.3f} | {acc:.3f} |")
 
 
+def counting_by_kind(model_dir: str, n: int, bs: int = 50) -> list[str]:
+    """Teacher-forced exact match on held-out counting questions, split by what they count: every shape (the
+    question names nothing), one colour, or one shape -- next to the share of the most common answer."""
+    from collections import Counter, defaultdict
+
+    import train_toy as T
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from schedsearch.models.qwen_vl import QwenImageProcessor
+    from schedsearch.toy import HELDOUT_SEED, sample
+    from schedsearch.toy.scenes import COLOURS
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    batcher = T.Batcher(QwenImageProcessor(T.build_tokenizer(), T.build_image_processor(),
+                                           chat_template=T.QWEN_TEMPLATE))
+    items = [sample(HELDOUT_SEED, i, qtype="counting") for i in range(n)]
+    ok, answers = defaultdict(list), defaultdict(Counter)
+    for s in range(0, n, bs):
+        chunk = items[s:s + bs]
+        batch, labels, _, _ = batcher(chunk)
+        with torch.no_grad():
+            right = T.answer_logits_correct(model(**batch, use_cache=False).logits.float(), labels).tolist()
+        for (_, q, _), r in zip(chunk, right, strict=True):
+            words = q["prompt"].split()
+            kind = ("every shape" if q["prompt"] == "how many shapes are there ?"
+                    else "one colour" if any(c in words for c in COLOURS) else "one shape")
+            ok[kind].append(r)
+            answers[kind][q["answer"]] += 1
+    out = ["| counting questions about | n | exact match | share of the most common answer |", "|---|---|---|---|"]
+    for kind in ("every shape", "one colour", "one shape"):
+        m = len(ok[kind])
+        out.append(f"| {kind} | {m} | {sum(ok[kind]) / m:.3f} | {answers[kind].most_common(1)[0][1] / m:.3f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from schedsearch.toy import MODEL_DIR
 
@@ -111,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         d, a = yes_no_logits(args.model, qtype, args.n)
         lines.append(row(name, d, a))
     lines += ["", "Cosine between the rows of word pairs (1.0 = the model cannot tell the two words apart):", "",
-              *word_rows(args.model)]
+              *word_rows(args.model),
+              "", "Counting, split by what the question names (the model reads the colour / shape word or not):", "",
+              *counting_by_kind(args.model, args.n + args.n // 2)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
