@@ -25,18 +25,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def yes_no_logits(model_dir: str, qtype: str, n: int, bs: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """(logit(yes) - logit(no), answer == yes) for the first ``n`` yes/no questions of type ``qtype`` in the
-    held-out stream (questions drawn with that type forced, so the set is deterministic)."""
+def load(model_dir: str):
+    """(model, batcher) through the training script's processor, loaded once for every table."""
     import train_toy as T
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from schedsearch.models.qwen_vl import QwenImageProcessor
-    from schedsearch.toy import HELDOUT_SEED, sample
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    tok, improc = T.build_tokenizer(), T.build_image_processor()
-    batcher = T.Batcher(QwenImageProcessor(tok, improc, chat_template=T.QWEN_TEMPLATE))
+    proc = QwenImageProcessor(T.build_tokenizer(), T.build_image_processor(), chat_template=T.QWEN_TEMPLATE)
+    return model, T.Batcher(proc)
+
+
+def yes_no_logits(model, batcher, qtype: str, n: int, bs: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """(logit(yes) - logit(no), answer == yes) for the first ``n`` yes/no questions of type ``qtype`` in the
+    held-out stream (questions drawn with that type forced, so the set is deterministic)."""
+    import train_toy as T
+
+    from schedsearch.toy import HELDOUT_SEED, sample
+
+    tok = batcher.proc.tokenizer
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     items, i = [], 0
     while len(items) < n:
@@ -65,22 +73,18 @@ PAIRS = (("yes", "no"), ("red", "blue"), ("green", "yellow"), ("circle", "square
          ("left", "right"), ("1", "2"))
 
 
-def word_rows(model_dir: str) -> list[str]:
+def word_rows(model, tok) -> list[str]:
     """Cosine between the rows of word pairs in the input embedding and in the output head (the same matrix when
     the model ties them): rows near cos 1 are words the model can hardly tell apart, as input or as answer."""
-    import json
-
-    from safetensors.torch import load_file
-
-    sd = load_file(str(Path(model_dir) / "model.safetensors"))
-    vocab = json.loads((Path(model_dir) / "tokenizer.json").read_text())["model"]["vocab"]
-    mats = {"input embedding": sd["model.embed_tokens.weight"].float()}
-    if "lm_head.weight" in sd:
-        mats["output head"] = sd["lm_head.weight"].float()
+    emb, head_w = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    mats = {"input embedding": emb.detach().float()}
+    if head_w is not emb:
+        mats["output head"] = head_w.detach().float()
     head = "| matrix | " + " | ".join(f"{a} / {b}" for a, b in PAIRS) + " |"
     out = [head, "|---" * (len(PAIRS) + 1) + "|"]
     for name, w in mats.items():
-        cos = [torch.nn.functional.cosine_similarity(w[vocab[a]], w[vocab[b]], dim=0).item() for a, b in PAIRS]
+        cos = [torch.nn.functional.cosine_similarity(w[tok.convert_tokens_to_ids(a)], w[tok.convert_tokens_to_ids(b)],
+                                                     dim=0).item() for a, b in PAIRS]
         tied = " (tied: also the output head)" if len(mats) == 1 else ""
         out.append(f"| {name}{tied} | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
     return out
@@ -93,21 +97,16 @@ def row(name: str, d: np.ndarray, a: np.ndarray) -> str:
             f"{np.corrcoef(d, a)[0, 1]:+.3f} | {acc:.3f} |")
 
 
-def counting_by_kind(model_dir: str, n: int, bs: int = 50) -> list[str]:
+def counting_by_kind(model, batcher, n: int, bs: int = 50) -> list[str]:
     """Teacher-forced exact match on held-out counting questions, split by what they count: every shape (the
     question names nothing), one colour, or one shape -- next to the share of the most common answer."""
     from collections import Counter, defaultdict
 
     import train_toy as T
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from schedsearch.models.qwen_vl import QwenImageProcessor
     from schedsearch.toy import HELDOUT_SEED, sample
     from schedsearch.toy.scenes import COLOURS
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    batcher = T.Batcher(QwenImageProcessor(T.build_tokenizer(), T.build_image_processor(),
-                                           chat_template=T.QWEN_TEMPLATE))
     items = [sample(HELDOUT_SEED, i, qtype="counting") for i in range(n)]
     ok, answers = defaultdict(list), defaultdict(Counter)
     for s in range(0, n, bs):
@@ -137,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    model, batcher = load(args.model)
     lines = [f"# `python studies/toy_yesno.py --model {args.model if args.model != str(MODEL_DIR) else 'toy'} "
              f"--n {args.n}`", "",
              "logit(yes) - logit(no) at the answer position, held-out stream, teacher-forced.", "",
@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     for qtype, name in (("presence", "presence (is there a red triangle ?)"),
                         ("spatial", "spatial yes/no (is X left of / above Y ?)"),
                         ("single", "single attribute (is there a red shape ? / is there a circle ?)")):
-        d, a = yes_no_logits(args.model, qtype, args.n)
+        d, a = yes_no_logits(model, batcher, qtype, args.n)
         lines.append(row(name, d, a))
     lines += ["", "Cosine between the rows of word pairs (1.0 = the model cannot tell the two words apart):", "",
-              *word_rows(args.model),
+              *word_rows(model, batcher.proc.tokenizer),
               "", "Counting, split by what the question names (the model reads the colour / shape word or not):", "",
-              *counting_by_kind(args.model, args.n + args.n // 2)]
+              *counting_by_kind(model, batcher, args.n + args.n // 2)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

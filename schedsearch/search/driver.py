@@ -136,8 +136,11 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     if s.get("budget") is None:
         raise SearchError("--budget is required, e.g. --budget 0.2 (kept fraction of decoder prefill FLOPs)")
     budgets = _parse_budgets(s["budget"], bool(s.get("pareto")))
-    if s["method"] not in ("psigmoid", "pcosine", "gsearch", "vflow"):
-        raise SearchError(f"--method {s['method']!r} is not known: use gsearch, pcosine, psigmoid or vflow")
+    from schedsearch.search.methods import METHODS
+
+    names = sorted([*METHODS, "gsearch"])  # gsearch is a search loop, not a parameterization in METHODS
+    if s["method"] not in names:
+        raise SearchError(f"--method {s['method']!r} is not known: use {', '.join(names[:-1])} or {names[-1]}")
     settings = StudySettings(
         budget=max(budgets), kind=s["budget_kind"],
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
