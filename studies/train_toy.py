@@ -165,6 +165,93 @@ def referenced_objects(scene, prompt: str) -> list[int]:
     return sorted(found)
 
 
+#: --word-aux: at every answer position, read from decoder layer --word-layer, the colour and shape words the
+#: question names for its first and second object ("none" = class 0). Makes the answer position hold the
+#: question's words early (studies/toy_credit.py: with 256 visual tokens in the prompt that takes ~250 steps
+#: even for an answer that depends on the word alone).
+WORD_SLOTS = (("colour1", len(COLOURS) + 1), ("shape1", len(SHAPES) + 1),
+              ("colour2", len(COLOURS) + 1), ("shape2", len(SHAPES) + 1))
+#: --summary-aux: at every answer position, read from decoder layer --summary-layer, a question-independent table
+#: of the scene: for each (colour, shape) pair, how many objects have it (0-6) and their size / grid row / grid
+#: column (class 0 = none present, last class = several that differ). Yes/no questions are balanced given the
+#: image alone and given the word alone, so the answer loss gives no first-order signal for gathering the image
+#: content they need; this loss does (studies/toy_credit.py, arm image-word-summary).
+PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+SUMMARY = (("count", 7), ("size", len(SIZES) + 2), ("row", GRID + 2), ("col", GRID + 2))
+
+
+def named_words(prompt: str) -> np.ndarray:
+    """(4,) int: WORD_SLOTS classes of a toy prompt (1 + index into COLOURS / SHAPES, 0 = not named)."""
+    from schedsearch.toy.questions import PLURAL
+
+    singular = {v: k for k, v in PLURAL.items()}
+    colours, shapes = list(COLOURS), list(SHAPES)
+    out = np.zeros(4, dtype=np.int64)
+    parts = prompt.replace(" left of ", " | ").replace(" above ", " | ").split(" | ")[:2]
+    for k, part in enumerate(parts):
+        for w in part.split():
+            if w in colours:
+                out[2 * k] = colours.index(w) + 1
+            elif w in shapes or w in singular:
+                out[2 * k + 1] = shapes.index(singular.get(w, w)) + 1
+    return out
+
+
+def scene_summary(scene) -> np.ndarray:
+    """(len(PAIRS), 4) int: SUMMARY classes per (colour, shape) pair of the scene."""
+    sizes = list(SIZES)
+    out = np.zeros((len(PAIRS), len(SUMMARY)), dtype=np.int64)
+    for p, (c, s) in enumerate(PAIRS):
+        objs = [o for o in scene.objects if o.colour == c and o.shape == s]
+        if not objs:
+            continue
+        out[p, 0] = min(len(objs), 6)
+        for k, (values, n) in enumerate(((sizes, len(sizes)), (range(GRID), GRID), (range(GRID), GRID)), start=1):
+            got = {(o.size, o.row, o.col)[k - 1] for o in objs}
+            out[p, k] = list(values).index(got.pop()) + 1 if len(got) == 1 else n + 1
+    return out
+
+
+class QuestionProbes(torch.nn.Module):
+    """Linear probes at the answer positions for --word-aux / --summary-aux (training only, not saved)."""
+
+    def __init__(self, hidden: int, word_layer: int, summary_layer: int):
+        super().__init__()
+        self.word_layer, self.summary_layer = word_layer, summary_layer
+        self.word = torch.nn.Linear(hidden, sum(n for _, n in WORD_SLOTS))
+        self.summary = torch.nn.Linear(hidden, len(PAIRS) * sum(n for _, n in SUMMARY))
+        self.captured: dict[int, torch.Tensor] = {}
+
+    def attach(self, model) -> list:
+        """Forward hooks that keep the outputs of the probed decoder layers; returns the handles."""
+        def keep(layer):
+            def hook(module, args, output):
+                self.captured[layer] = output[0] if isinstance(output, tuple) else output
+            return hook
+        layers = model.model.language_model.layers
+        return [layers[i].register_forward_hook(keep(i)) for i in sorted({self.word_layer, self.summary_layer})]
+
+    def losses(self, input_ids, answer_id: int, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """(word loss, summary loss) over every answer position (the ``assistant`` token of each turn, in order)."""
+        pos = input_ids == answer_id
+        words, tables = [], []
+        for _, qs, scene in items:
+            qs = [qs] if isinstance(qs, dict) else qs
+            table = scene_summary(scene)
+            for q in qs:
+                words.append(named_words(q["prompt"]))
+                tables.append(table)
+        n = int(pos.sum())
+        if n != len(words):
+            raise ValueError(f"{n} answer positions for {len(words)} questions")
+        dev = input_ids.device
+        word_t = torch.from_numpy(np.stack(words)).to(dev)
+        table_t = torch.from_numpy(np.stack(tables)).to(dev)
+        w = self.word(self.captured[self.word_layer][pos].float())
+        sm = self.summary(self.captured[self.summary_layer][pos].float()).reshape(n, len(PAIRS), -1)
+        return AuxHeads._ce(w, word_t, WORD_SLOTS), AuxHeads._ce(sm, table_t, SUMMARY)
+
+
 class Batcher:
     """Builds training / evaluation batches through the loader's processor class (left padding)."""
 
@@ -522,6 +609,14 @@ def main(argv=None) -> int:
                          "the --route-layers) is pushed onto the visual tokens of the objects the question names")
     ap.add_argument("--route-layers", default="3,5", help="decoder layers whose attention the routing loss supervises")
     ap.add_argument("--route-heads", type=int, default=1, help="how many heads per layer the routing loss constrains")
+    ap.add_argument("--word-aux", type=float, default=0.0,
+                    help="weight of the word probe: each answer position names the colour / shape words of its "
+                         "question at decoder layer --word-layer (WORD_SLOTS)")
+    ap.add_argument("--word-layer", type=int, default=2)
+    ap.add_argument("--summary-aux", type=float, default=0.0,
+                    help="weight of the scene-summary probe: each answer position predicts, at decoder layer "
+                         "--summary-layer, every (colour, shape) pair's count, size, row and column (SUMMARY)")
+    ap.add_argument("--summary-layer", type=int, default=3)
     ap.add_argument("--question-first", action="store_true",
                     help="experiment only: the first question comes before the image in the prompt (the package's "
                          "loaders put images first, so a model trained this way is not the shipped format)")
@@ -582,6 +677,12 @@ def main(argv=None) -> int:
     if route_layers:  # attention weights are only returned by eager attention (SDPA does not materialize them)
         model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
     head = AuxHeads(model.config.text_config.hidden_size, args.pos_aux_layer).to(device)
+    probes = None
+    if args.word_aux > 0 or args.summary_aux > 0:
+        probes = QuestionProbes(model.config.text_config.hidden_size, args.word_layer, args.summary_layer).to(device)
+        probes.attach(model)
+        head = torch.nn.ModuleList([head, probes])  # one module: the optimizer and clipping see both
+    answer_id = tok.convert_tokens_to_ids("assistant")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
     params = list(model.parameters()) + list(head.parameters())
@@ -602,7 +703,7 @@ def main(argv=None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     csv = None if args.probe else open(f"{log}.csv", "w")
     if csv:
-        csv.write("step,loss,aux_loss,route_loss,train_acc,lr,max_objects,seconds\n")
+        csv.write("step,loss,aux_loss,route_loss,train_acc,lr,max_objects,seconds,word_loss,summary_loss\n")
     idx = 0
     gen_t = 0.0
     for step in range(total):
@@ -622,10 +723,13 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            lm, aux_loss, r_loss, ok = forward(model, head, batch.to(device), labels.to(device), aux.to(device),
-                                               args.aux, tuple(t.to(device) for t in route), route_layers,
-                                               args.route_heads)
-        loss = lm + args.aux * aux_loss + args.route_aux * r_loss
+            lm, aux_loss, r_loss, ok = forward(model, head[0] if probes else head, batch.to(device),
+                                               labels.to(device), aux.to(device), args.aux,
+                                               tuple(t.to(device) for t in route), route_layers, args.route_heads)
+            w_loss = s_loss = torch.zeros((), device=device)
+            if probes is not None:
+                w_loss, s_loss = probes.losses(batch["input_ids"].to(device), answer_id, items)
+        loss = lm + args.aux * aux_loss + args.route_aux * r_loss + args.word_aux * w_loss + args.summary_aux * s_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -633,9 +737,11 @@ def main(argv=None) -> int:
         el = time.time() - t0
         if csv:
             csv.write(f"{step},{lm.item():.4f},{aux_loss.item():.4f},{r_loss.item():.4f},"
-                      f"{ok.float().mean().item():.4f},{lr:.6f},{max_obj},{el:.1f}\n")
+                      f"{ok.float().mean().item():.4f},{lr:.6f},{max_obj},{el:.1f},{w_loss.item():.4f},"
+                      f"{s_loss.item():.4f}\n")
         if step % 25 == 0 or args.probe:
             print(f"step {step} loss {lm.item():.3f} aux {aux_loss.item():.3f} route {r_loss.item():.3f} "
+                  f"word {w_loss.item():.3f} summary {s_loss.item():.3f} "
                   f"acc {ok.float().mean().item():.2f} "
                   f"{el:.0f}s ({el / (step + 1):.2f} s/step, data {gen_t / (step + 1):.2f})", flush=True)
             if csv:

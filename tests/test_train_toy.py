@@ -145,3 +145,61 @@ def test_single_attribute_yesno_answers_from_the_scene():
     assert len(answers) > 60 and 0.35 < answers.count("yes") / len(answers) < 0.65  # balanced
     tok = train_toy.build_tokenizer()
     assert tok.unk_token_id not in tok("is there a red shape ?")["input_ids"]
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("is there a red circle ?", ("red", "circle", None, None)),
+    ("how many squares are there ?", (None, "square", None, None)),
+    ("how many shapes are there ?", (None, None, None, None)),
+    ("what shape is the blue object ?", ("blue", None, None, None)),
+    ("is the red circle left of the green triangle ?", ("red", "circle", "green", "triangle")),
+    ("is the blue circle above the red square ?", ("blue", "circle", "red", "square")),
+])
+def test_named_words_slots(prompt, expected):
+    colours, shapes = list(train_toy.COLOURS), list(train_toy.SHAPES)
+    want = [0 if w is None else (colours if k % 2 == 0 else shapes).index(w) + 1 for k, w in enumerate(expected)]
+    assert train_toy.named_words(prompt).tolist() == want
+
+
+def test_scene_summary_counts_and_places_each_pair():
+    table = train_toy.scene_summary(SCENE)
+    pairs = list(train_toy.PAIRS)
+    assert table.shape == (len(pairs), len(train_toy.SUMMARY))
+    sizes = list(train_toy.SIZES)
+    red_circle = table[pairs.index(("red", "circle"))]
+    assert red_circle.tolist() == [1, sizes.index("large") + 1, 0 + 1, 0 + 1]
+    green_triangle = table[pairs.index(("green", "triangle"))]
+    assert green_triangle.tolist() == [1, sizes.index("small") + 1, 2 + 1, 1 + 1]
+    assert table[pairs.index(("yellow", "square"))].tolist() == [0, 0, 0, 0]
+    assert table[:, 0].sum() == len(SCENE.objects)
+    two = Scene(objects=(_obj("circle", "red", 0, 0), _obj("circle", "red", 3, 0, "small")), background=40, noise=0)
+    # two red circles: count 2; sizes and rows differ ("mixed", the last class); the column is shared
+    assert train_toy.scene_summary(two)[pairs.index(("red", "circle"))].tolist() == [
+        2, len(sizes) + 1, train_toy.GRID + 1, 0 + 1]
+
+
+def test_question_probes_read_every_answer_position():
+    from schedsearch.models.qwen_vl import QwenImageProcessor
+    from schedsearch.testing.tiny import QWEN_TEMPLATE
+    from schedsearch.toy.scenes import render
+
+    tok = train_toy.build_tokenizer()
+    proc = QwenImageProcessor(tok, train_toy.build_image_processor(), chat_template=QWEN_TEMPLATE)
+    torch.manual_seed(0)
+    model = train_toy.build_model(tok, 32, 4, 16, 20.0)
+    probes = train_toy.QuestionProbes(32, 1, 2)
+    handles = probes.attach(model)
+    img = render(SCENE, np.random.default_rng(0))
+    qs = [{"prompt": "is there a red circle ?", "answer": "yes"},
+          {"prompt": "how many shapes are there ?", "answer": "4"}]
+    items = [(img, qs, SCENE), (img, qs[:1], SCENE)]
+    batch, labels, aux, _ = train_toy.Batcher(proc)(items)
+    model(**batch, use_cache=False)
+    word, summary = probes.losses(batch["input_ids"], tok.convert_tokens_to_ids("assistant"), items)
+    assert word.ndim == 0 and summary.ndim == 0 and word > 0 and summary > 0
+    (word + summary).backward()
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None  # reaches the decoder
+    with pytest.raises(ValueError, match="answer positions"):
+        probes.losses(batch["input_ids"], tok.convert_tokens_to_ids("assistant"), items[:1])
+    for h in handles:
+        h.remove()
