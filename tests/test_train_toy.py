@@ -203,3 +203,19 @@ def test_question_probes_read_every_answer_position():
         probes.losses(batch["input_ids"], tok.convert_tokens_to_ids("assistant"), items[:1])
     for h in handles:
         h.remove()
+
+
+def test_main_trains_with_the_question_probes(tmp_path):
+    """The CLI wiring: --word-aux / --summary-aux losses are computed, logged per step, and the model is saved."""
+    import csv
+
+    log = tmp_path / "log"
+    rc = train_toy.main(["--steps", "2", "--batch", "2", "--turns", "2", "--rope-theta", "20", "--warmup", "1",
+                         "--word-aux", "1", "--summary-aux", "1", "--eval-every", "0", "--final-eval-n", "2",
+                         "--hidden", "32", "--layers", "4", "--vision-hidden", "16", "--threads", "1",
+                         "--out", str(tmp_path / "model"), "--log", str(log)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(f"{log}.csv")))
+    assert len(rows) == 2
+    assert all(float(r["word_loss"]) > 0 and float(r["summary_loss"]) > 0 for r in rows)
+    assert (tmp_path / "model" / "model.safetensors").exists()
