@@ -199,16 +199,17 @@ def named_words(prompt: str) -> np.ndarray:
 
 def scene_summary(scene) -> np.ndarray:
     """(len(PAIRS), 4) int: SUMMARY classes per (colour, shape) pair of the scene."""
-    sizes = list(SIZES)
+    fields = ((lambda o: o.size, list(SIZES)), (lambda o: o.row, list(range(GRID))),
+              (lambda o: o.col, list(range(GRID))))
     out = np.zeros((len(PAIRS), len(SUMMARY)), dtype=np.int64)
     for p, (c, s) in enumerate(PAIRS):
         objs = [o for o in scene.objects if o.colour == c and o.shape == s]
         if not objs:
             continue
         out[p, 0] = min(len(objs), 6)
-        for k, (values, n) in enumerate(((sizes, len(sizes)), (range(GRID), GRID), (range(GRID), GRID)), start=1):
-            got = {(o.size, o.row, o.col)[k - 1] for o in objs}
-            out[p, k] = list(values).index(got.pop()) + 1 if len(got) == 1 else n + 1
+        for k, (get, values) in enumerate(fields, start=1):
+            got = {get(o) for o in objs}
+            out[p, k] = values.index(got.pop()) + 1 if len(got) == 1 else len(values) + 1
     return out
 
 
