@@ -50,10 +50,10 @@ def text_question(scene, rng: np.random.Generator) -> dict:
 
 def named_value(prompt: str) -> int:
     """Index in COLOURS + SHAPES of the one colour or shape word a single-attribute question names."""
-    from schedsearch.toy.scenes import COLOURS, SHAPES
+    import train_toy as T
 
-    values = list(COLOURS) + list(SHAPES)
-    return next(k for k, v in enumerate(values) if f" {v} " in f" {prompt} ")
+    colour, shape = (int(x) for x in T.named_words(prompt)[:2])
+    return colour - 1 if colour else len(T.COLOURS) + shape - 1
 
 
 def run_arm(arm: str, steps: int, batch: int, rope_theta: float, probe_layer: int, log=print) -> dict:

@@ -147,19 +147,27 @@ def token_objects(scene) -> np.ndarray:
     return out
 
 
-def referenced_objects(scene, prompt: str) -> list[int]:
-    """Indices of the objects a toy question is about, read off its words: each named part ("red circle", "circles",
-    "blue object", "shapes") selects the objects with that colour and/or shape; a relation ("X left of Y",
-    "X above Y") selects both. Empty for a presence question answered "no" (nothing to look at)."""
+def named_parts(prompt: str) -> list[tuple[str | None, str | None]]:
+    """(colour, shape) named by each part of a toy prompt ("red circle", "circles", "blue object", "shapes"; a
+    relation "X left of Y" / "X above Y" has two parts), None where the part names no colour / shape."""
     from schedsearch.toy.questions import PLURAL
 
     singular = {v: k for k, v in PLURAL.items()}
-    parts = prompt.replace(" left of ", " | ").replace(" above ", " | ").split(" | ")
-    found: set[int] = set()
-    for part in parts:
+    out = []
+    for part in prompt.replace(" left of ", " | ").replace(" above ", " | ").split(" | "):
         words = part.split()
         colour = next((w for w in words if w in COLOURS), None)
         shape = next((singular.get(w, w) for w in words if w in SHAPES or w in singular), None)
+        out.append((colour, shape))
+    return out
+
+
+def referenced_objects(scene, prompt: str) -> list[int]:
+    """Indices of the objects a toy question is about, read off its words: each named part selects the objects
+    with that colour and/or shape; a relation ("X left of Y", "X above Y") selects both. Empty for a presence
+    question answered "no" (nothing to look at)."""
+    found: set[int] = set()
+    for colour, shape in named_parts(prompt):
         found |= {i for i, o in enumerate(scene.objects)
                   if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)}
     return sorted(found)
@@ -182,18 +190,11 @@ SUMMARY = (("count", 7), ("size", len(SIZES) + 2), ("row", GRID + 2), ("col", GR
 
 def named_words(prompt: str) -> np.ndarray:
     """(4,) int: WORD_SLOTS classes of a toy prompt (1 + index into COLOURS / SHAPES, 0 = not named)."""
-    from schedsearch.toy.questions import PLURAL
-
-    singular = {v: k for k, v in PLURAL.items()}
     colours, shapes = list(COLOURS), list(SHAPES)
     out = np.zeros(4, dtype=np.int64)
-    parts = prompt.replace(" left of ", " | ").replace(" above ", " | ").split(" | ")[:2]
-    for k, part in enumerate(parts):
-        for w in part.split():
-            if w in colours:
-                out[2 * k] = colours.index(w) + 1
-            elif w in shapes or w in singular:
-                out[2 * k + 1] = shapes.index(singular.get(w, w)) + 1
+    for k, (colour, shape) in enumerate(named_parts(prompt)[:2]):
+        out[2 * k] = colours.index(colour) + 1 if colour else 0
+        out[2 * k + 1] = shapes.index(shape) + 1 if shape else 0
     return out
 
 
@@ -682,12 +683,12 @@ def main(argv=None) -> int:
     if args.word_aux > 0 or args.summary_aux > 0:
         probes = QuestionProbes(model.config.text_config.hidden_size, args.word_layer, args.summary_layer).to(device)
         probes.attach(model)
-        head = torch.nn.ModuleList([head, probes])  # one module: the optimizer and clipping see both
+    heads = torch.nn.ModuleList([head] + ([probes] if probes else []))  # every training-only probe
     answer_id = tok.convert_tokens_to_ids("assistant")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M, threads {torch.get_num_threads()}, device {device}", flush=True)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(param_groups(model, head, args.decay_embeddings), lr=args.lr, betas=(0.9, 0.98))
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(param_groups(model, heads, args.decay_embeddings), lr=args.lr, betas=(0.9, 0.98))
     total = args.probe or args.steps
 
     t0 = time.time()
@@ -724,7 +725,7 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            lm, aux_loss, r_loss, ok = forward(model, head[0] if probes else head, batch.to(device),
+            lm, aux_loss, r_loss, ok = forward(model, head, batch.to(device),
                                                labels.to(device), aux.to(device), args.aux,
                                                tuple(t.to(device) for t in route), route_layers, args.route_heads)
             w_loss = s_loss = torch.zeros((), device=device)
