@@ -186,6 +186,12 @@ WORD_SLOTS = (("colour1", len(COLOURS) + 1), ("shape1", len(SHAPES) + 1),
 #: content they need; this loss does (studies/toy_credit.py, arm image-word-summary).
 PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SUMMARY = (("count", 7), ("size", len(SIZES) + 2), ("row", GRID + 2), ("col", GRID + 2))
+#: --relations: the summary table gains, for every pair p and every other pair q, where p lies from q along each
+#: axis (class 0 = p or q not exactly once in the scene, 1 = p left of / above q, 2 = right of / below,
+#: 3 = same column / row). "is the red circle left of the blue square ?" is balanced given the words and given the
+#: image alone, like presence; these columns make its answer a lookup in the table rather than a comparison of two
+#: looked-up positions.
+RELATIONS = tuple((f"{axis}:{c} {s}", 4) for axis in ("col", "row") for c, s in PAIRS)
 
 
 def named_words(prompt: str) -> np.ndarray:
@@ -198,8 +204,9 @@ def named_words(prompt: str) -> np.ndarray:
     return out
 
 
-def scene_summary(scene) -> np.ndarray:
-    """(len(PAIRS), 4) int: SUMMARY classes per (colour, shape) pair of the scene."""
+def scene_summary(scene, relations: bool = False) -> np.ndarray:
+    """(len(PAIRS), 4) int: SUMMARY classes per (colour, shape) pair of the scene; with ``relations`` the
+    RELATIONS columns follow (shape (len(PAIRS), 4 + len(RELATIONS)))."""
     fields = ((lambda o: o.size, list(SIZES)), (lambda o: o.row, list(range(GRID))),
               (lambda o: o.col, list(range(GRID))))
     out = np.zeros((len(PAIRS), len(SUMMARY)), dtype=np.int64)
@@ -211,17 +218,32 @@ def scene_summary(scene) -> np.ndarray:
         for k, (get, values) in enumerate(fields, start=1):
             got = {get(o) for o in objs}
             out[p, k] = values.index(got.pop()) + 1 if len(got) == 1 else len(values) + 1
-    return out
+    if not relations:
+        return out
+    once = {}
+    for o in scene.objects:
+        once[(o.colour, o.shape)] = None if (o.colour, o.shape) in once else o
+    rel = np.zeros((len(PAIRS), len(RELATIONS)), dtype=np.int64)
+    for p, a in enumerate(PAIRS):
+        for q, b in enumerate(PAIRS):
+            oa, ob = once.get(a), once.get(b)
+            if p == q or oa is None or ob is None:
+                continue
+            for k, axis in enumerate(("col", "row")):
+                va, vb = getattr(oa, axis), getattr(ob, axis)
+                rel[p, k * len(PAIRS) + q] = 1 if va < vb else 2 if va > vb else 3
+    return np.concatenate([out, rel], axis=1)
 
 
 class QuestionProbes(torch.nn.Module):
     """Linear probes at the answer positions for --word-aux / --summary-aux (training only, not saved)."""
 
-    def __init__(self, hidden: int, word_layer: int, summary_layer: int):
+    def __init__(self, hidden: int, word_layer: int, summary_layer: int, relations: bool = False):
         super().__init__()
-        self.word_layer, self.summary_layer = word_layer, summary_layer
+        self.word_layer, self.summary_layer, self.relations = word_layer, summary_layer, relations
+        self.columns = SUMMARY + (RELATIONS if relations else ())
         self.word = torch.nn.Linear(hidden, sum(n for _, n in WORD_SLOTS))
-        self.summary = torch.nn.Linear(hidden, len(PAIRS) * sum(n for _, n in SUMMARY))
+        self.summary = torch.nn.Linear(hidden, len(PAIRS) * sum(n for _, n in self.columns))
         self.captured: dict[int, torch.Tensor] = {}
 
     def attach(self, model) -> list:
@@ -239,7 +261,7 @@ class QuestionProbes(torch.nn.Module):
         words, tables = [], []
         for _, qs, scene in items:
             qs = [qs] if isinstance(qs, dict) else qs
-            table = scene_summary(scene)
+            table = scene_summary(scene, self.relations)
             for q in qs:
                 words.append(named_words(q["prompt"]))
                 tables.append(table)
@@ -251,7 +273,11 @@ class QuestionProbes(torch.nn.Module):
         table_t = torch.from_numpy(np.stack(tables)).to(dev)
         w = self.word(self.captured[self.word_layer][pos].float())
         sm = self.summary(self.captured[self.summary_layer][pos].float()).reshape(n, len(PAIRS), -1)
-        return AuxHeads._ce(w, word_t, WORD_SLOTS), AuxHeads._ce(sm, table_t, SUMMARY)
+        k = sum(n for _, n in SUMMARY)
+        s_loss = AuxHeads._ce(sm[..., :k], table_t[..., :len(SUMMARY)], SUMMARY)
+        if self.relations:  # its own mean, so the 24 relation columns do not dilute the 4 summary ones
+            s_loss = s_loss + AuxHeads._ce(sm[..., k:], table_t[..., len(SUMMARY):], RELATIONS)
+        return AuxHeads._ce(w, word_t, WORD_SLOTS), s_loss
 
 
 class Batcher:
@@ -618,6 +644,9 @@ def main(argv=None) -> int:
     ap.add_argument("--summary-aux", type=float, default=0.0,
                     help="weight of the scene-summary probe: each answer position predicts, at decoder layer "
                          "--summary-layer, every (colour, shape) pair's count, size, row and column (SUMMARY)")
+    ap.add_argument("--relations", action="store_true",
+                    help="the --summary-aux table also holds every pair of uniquely present (colour, shape) pairs' "
+                         "left-of / above relation (RELATIONS)")
     ap.add_argument("--summary-layer", type=int, default=3)
     ap.add_argument("--question-first", action="store_true",
                     help="experiment only: the first question comes before the image in the prompt (the package's "
@@ -681,7 +710,8 @@ def main(argv=None) -> int:
     head = AuxHeads(model.config.text_config.hidden_size, args.pos_aux_layer).to(device)
     probes = None
     if args.word_aux > 0 or args.summary_aux > 0:
-        probes = QuestionProbes(model.config.text_config.hidden_size, args.word_layer, args.summary_layer).to(device)
+        probes = QuestionProbes(model.config.text_config.hidden_size, args.word_layer, args.summary_layer,
+                                args.relations).to(device)
         probes.attach(model)
     heads = torch.nn.ModuleList([head] + ([probes] if probes else []))  # every training-only probe
     answer_id = tok.convert_tokens_to_ids("assistant")

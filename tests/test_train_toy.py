@@ -178,6 +178,46 @@ def test_scene_summary_counts_and_places_each_pair():
         2, len(sizes) + 1, train_toy.GRID + 1, 0 + 1]
 
 
+def test_scene_summary_relations_order_each_unique_pair():
+    pairs, n = list(train_toy.PAIRS), len(train_toy.PAIRS)
+    table = train_toy.scene_summary(SCENE, relations=True)
+    assert table.shape == (n, len(train_toy.SUMMARY) + len(train_toy.RELATIONS))
+    assert (table[:, :len(train_toy.SUMMARY)] == train_toy.scene_summary(SCENE)).all()
+    rel = table[:, len(train_toy.SUMMARY):]
+    rc, bc, gt = (pairs.index(p) for p in (("red", "circle"), ("blue", "circle"), ("green", "triangle")))
+    # red circle (row 0, col 0) vs blue circle (row 1, col 2): left of (1) and above (1); the reverse is 2
+    assert rel[rc, bc] == 1 and rel[rc, n + bc] == 1 and rel[bc, rc] == 2 and rel[bc, n + rc] == 2
+    # blue circle (1, 2) vs green triangle (2, 1): right of (2), above (1)
+    assert rel[bc, gt] == 2 and rel[bc, n + gt] == 1
+    assert (rel[rc, [rc, n + rc]] == 0).all()  # never against itself
+    ys = pairs.index(("yellow", "square"))  # absent
+    assert (rel[ys] == 0).all() and (rel[:, ys] == 0).all()
+    same_col = Scene(objects=(_obj("circle", "red", 0, 1), _obj("square", "blue", 3, 1),
+                              _obj("circle", "green", 0, 2), _obj("circle", "green", 2, 3)), background=40, noise=0)
+    rel = train_toy.scene_summary(same_col, relations=True)[:, len(train_toy.SUMMARY):]
+    a, b, g = (pairs.index(p) for p in (("red", "circle"), ("blue", "square"), ("green", "circle")))
+    assert rel[a, b] == 3 and rel[a, n + b] == 1  # same column, above
+    assert (rel[g] == 0).all() and (rel[:, g] == 0).all()  # two green circles: not unique, no relation
+
+
+def test_scene_summary_relations_agree_with_the_toy_answers():
+    from schedsearch.toy.questions import spatial
+    from schedsearch.toy.scenes import make_scene
+
+    rng, checked = np.random.default_rng(3), 0
+    n = len(train_toy.PAIRS)
+    while checked < 200:
+        scene = make_scene(rng)
+        q = spatial(scene, rng)
+        if q is None or not (" left of " in q["prompt"] or " above " in q["prompt"]):
+            continue
+        a, b = (train_toy.PAIRS.index(p) for p in train_toy.named_parts(q["prompt"])[:2])
+        axis = 0 if " left of " in q["prompt"] else 1
+        got = train_toy.scene_summary(scene, relations=True)[a, len(train_toy.SUMMARY) + axis * n + b]
+        assert got == (1 if q["answer"] == "yes" else 2), q
+        checked += 1
+
+
 def test_question_probes_read_every_answer_position():
     from schedsearch.models.qwen_vl import QwenImageProcessor
     from schedsearch.testing.tiny import QWEN_TEMPLATE
@@ -197,6 +237,10 @@ def test_question_probes_read_every_answer_position():
     model(**batch, use_cache=False)
     word, summary = probes.losses(batch["input_ids"], tok.convert_tokens_to_ids("assistant"), items)
     assert word.ndim == 0 and summary.ndim == 0 and word > 0 and summary > 0
+    with_rel = train_toy.QuestionProbes(32, 1, 2, relations=True)
+    with_rel.captured = probes.captured
+    _, summary_rel = with_rel.losses(batch["input_ids"], tok.convert_tokens_to_ids("assistant"), items)
+    assert summary_rel > summary  # the relation columns add their own mean (about log 4 untrained) on top
     (word + summary).backward()
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None  # reaches the decoder
     with pytest.raises(ValueError, match="answer positions"):
@@ -206,12 +250,14 @@ def test_question_probes_read_every_answer_position():
 
 
 def test_main_trains_with_the_question_probes(tmp_path):
-    """The CLI wiring: --word-aux / --summary-aux losses are computed, logged per step, and the model is saved."""
+    """The CLI wiring: --word-aux / --summary-aux (with --relations) losses are computed, logged per step, and the
+    model is saved."""
     import csv
 
     log = tmp_path / "log"
     rc = train_toy.main(["--steps", "2", "--batch", "2", "--turns", "2", "--rope-theta", "20", "--warmup", "1",
-                         "--word-aux", "1", "--summary-aux", "1", "--eval-every", "0", "--final-eval-n", "2",
+                         "--word-aux", "1", "--summary-aux", "1", "--relations", "--eval-every", "0",
+                         "--final-eval-n", "2",
                          "--hidden", "32", "--layers", "4", "--vision-hidden", "16", "--threads", "1",
                          "--out", str(tmp_path / "model"), "--log", str(log)])
     assert rc == 0
