@@ -38,3 +38,38 @@ def test_ratios_and_table_on_the_shipped_model():
     assert res[1.0] != res[2.0]  # the threshold changes the map
     text = vm.table(res)
     assert text.count("\n") == 4 and "t = 2.0" in text and "attention received" in text
+
+
+def _ranking_module():
+    spec = importlib.util.spec_from_file_location("ranking_study", ROOT / "studies" / "ranking_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ranking_study_rows_and_table():
+    """studies/ranking_study.py: one row per (keep, ranking); the rankings differ; the table is relative to uniform."""
+    import torch
+
+    from schedsearch.models import load_model
+
+    rs = _ranking_module()
+    torch.manual_seed(0)
+    rows = rs.run(load_model("toy"), 8, [0.22], batch=4)
+    assert [r["ranking"] for r in rows][:3] == ["uniform", "random", "objects first (oracle)"] and len(rows) == 5
+    values = [r["discrepancy"] for r in rows]
+    assert all(0 < v < 2 for v in values) and len(set(values)) == 5
+    text = rs.table(rows)
+    assert "| 0.22 | uniform |" in text and "1.00x" in text and text.count("\n") == 6
+
+
+def test_readme_ranking_figures_come_from_the_study():
+    import re
+
+    table = (ROOT / "studies" / "results" / "ranking_study.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    bullet = readme[readme.index("**On this model, spreading the kept tokens evenly"):]
+    bullet = bullet[: bullet.index("\n* ")]
+    quoted = re.findall(r"\b\d\.\d\dx\b", bullet)[:6]  # the ratios to uniform quoted from the study
+    assert len(quoted) == 6 and all(f"| {q} |" in table for q in quoted), quoted
+    assert "| 0.22 | uniform | 0.1071 |" in table and "0.1071" in bullet
