@@ -203,6 +203,18 @@ def test_recycling_changes_states_not_selection(tiny_adapter):
     assert not torch.allclose(a, b)
 
 
+def test_dict_schedule_with_unknown_recycling_weighting_is_refused(tiny_adapter):
+    """A dict schedule skips Schedule's validation; an unknown weighting must not be silently ignored."""
+    from schedsearch.errors import ScheduleError
+
+    sched = {"keep_ratios": [0.5] * tiny_adapter.num_layers, "scorer": {"name": "uniform", "params": {}},
+             "recycling": {"grid": 2, "weighting": "uniform"}}
+    with pytest.raises(ScheduleError, match="recycling.weighting must be one of importance, got 'uniform'"):
+        apply_schedule(tiny_adapter.model, sched, adapter=tiny_adapter)
+    sched["recycling"]["weighting"] = "importance"
+    apply_schedule(tiny_adapter.model, sched, adapter=tiny_adapter).remove()
+
+
 def test_merge_into_kept_by_hand():
     h = torch.tensor([[[1.0], [3.0], [10.0], [5.0]]])
     keep = torch.tensor([[True, False, True, False]])

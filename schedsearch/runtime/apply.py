@@ -38,7 +38,7 @@ import torch
 from schedsearch.errors import SchedsearchError, ScheduleError
 from schedsearch.runtime.recycle import cell_ids, merge_into_kept
 from schedsearch.runtime.scorers import External, ScoreContext, build_scorer
-from schedsearch.schedule import kept_counts
+from schedsearch.schedule import RECYCLING_WEIGHTINGS, kept_counts
 
 
 class RuntimeScheduleError(SchedsearchError):
@@ -110,6 +110,10 @@ class ScheduleHandle:
             self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
         recycling = _field(schedule, "recycling")
         self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
+        weighting = _field(recycling, "weighting", "importance") if recycling else "importance"
+        if weighting not in RECYCLING_WEIGHTINGS:  # a dict schedule skips Schedule's validation
+            raise ScheduleError(f"recycling.weighting must be one of {', '.join(RECYCLING_WEIGHTINGS)}, "
+                                f"got {weighting!r}")
         cfg = adapter.text_config
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
