@@ -22,24 +22,18 @@ searches' choice of the ``uniform`` scorer at small budgets (studies/results/swe
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _object_share(scene, grid: int = 16) -> np.ndarray:
-    from schedsearch.toy.scenes import label_map
-
-    lm = label_map(scene) > 0
-    cell = lm.shape[0] // grid
-    return lm.reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def rankings(adapter, t: float):
-    """name -> (scorer dict, importance builder(batch kwargs, object shares (B, V)) or None)."""
+    """name -> (scorer dict, importance builder(batch kwargs, object tokens (B, V) as 0/1) or None)."""
     import torch
 
     from schedsearch.runtime.importance import importance_from_attention
@@ -47,7 +41,7 @@ def rankings(adapter, t: float):
     gen = torch.Generator().manual_seed(0)
 
     def objects_first(kw, occ):
-        return (occ > 0.05).float() + 1e-3 * torch.rand(occ.shape, generator=gen)
+        return occ + 1e-3 * torch.rand(occ.shape, generator=gen)
 
     def distinct(kw, occ):
         with torch.no_grad():
@@ -72,6 +66,7 @@ def rankings(adapter, t: float):
 
 def run(adapter, n: int, keeps, t: float = 2.0, batch: int = 8) -> list[dict]:
     import torch
+    from vflow_map import object_mask
 
     from schedsearch.evaluation import cosine_discrepancy, last_token_states
     from schedsearch.toy import HELDOUT_SEED, sample
@@ -81,7 +76,7 @@ def run(adapter, n: int, keeps, t: float = 2.0, batch: int = 8) -> list[dict]:
     for i in range(0, n, batch):
         chunk = items[i : i + batch]
         batches.append(adapter.prepare([[img] for img, _, _ in chunk], [q["prompt"] for _, q, _ in chunk]))
-        occs.append(torch.tensor(np.stack([_object_share(sc) for _, _, sc in chunk])).float())
+        occs.append(torch.tensor(np.stack([object_mask(sc) for _, _, sc in chunk])).float())  # 1 = object token
     ref = last_token_states(adapter, batches)
     layers = adapter.num_layers
     rows = []

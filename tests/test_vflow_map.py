@@ -1,4 +1,4 @@
-"""studies/vflow_map.py: object tokens vs background under the vflow importance map."""
+"""studies/vflow_map.py and studies/ranking_study.py: which visual tokens the rankings keep, and what it costs."""
 
 import importlib.util
 from pathlib import Path
@@ -10,15 +10,15 @@ from schedsearch.toy.scenes import CELL, Obj, Scene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("vflow_map", ROOT / "studies" / "vflow_map.py")
+def _study(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "studies" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_object_mask_marks_the_tokens_under_an_object():
-    vm = _module()
+    vm = _study("vflow_map")
     o = Obj(shape="square", colour="red", size="large", row=0, col=0, cx=CELL / 2, cy=CELL / 2)
     mask = vm.object_mask(Scene(objects=(o,), background=40, noise=0)).reshape(16, 16)
     assert mask[:2, :2].any() and not mask[8:, 8:].any()  # the top-left cell, nothing in the bottom-right
@@ -30,7 +30,7 @@ def test_ratios_and_table_on_the_shipped_model():
 
     from schedsearch.models import load_model
 
-    vm = _module()
+    vm = _study("vflow_map")
     torch.manual_seed(0)
     res = vm.ratios(load_model("toy"), 3, ts=(1.0, 2.0))
     assert set(res) == {1.0, 2.0, "received"}
@@ -40,20 +40,13 @@ def test_ratios_and_table_on_the_shipped_model():
     assert text.count("\n") == 4 and "t = 2.0" in text and "attention received" in text
 
 
-def _ranking_module():
-    spec = importlib.util.spec_from_file_location("ranking_study", ROOT / "studies" / "ranking_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ranking_study_rows_and_table():
     """studies/ranking_study.py: one row per (keep, ranking); the rankings differ; the table is relative to uniform."""
     import torch
 
     from schedsearch.models import load_model
 
-    rs = _ranking_module()
+    rs = _study("ranking_study")
     torch.manual_seed(0)
     rows = rs.run(load_model("toy"), 8, [0.22], batch=4)
     assert [r["ranking"] for r in rows][:3] == ["uniform", "random", "objects first (oracle)"] and len(rows) == 5
