@@ -226,14 +226,13 @@ def scene_summary(scene, relations: bool = False) -> np.ndarray:
             out[p, k] = values.index(got.pop()) + 1 if len(got) == 1 else len(values) + 1
     if not relations:
         return out
-    once = {}
-    for o in scene.objects:
-        once[(o.colour, o.shape)] = None if (o.colour, o.shape) in once else o
+    from schedsearch.toy.questions import _unique  # the objects relational questions may name
+
+    uniq = [(PAIRS.index((o.colour, o.shape)), o) for o in _unique(scene)]
     rel = np.zeros((len(PAIRS), len(RELATIONS)), dtype=np.int64)
-    for p, a in enumerate(PAIRS):
-        for q, b in enumerate(PAIRS):
-            oa, ob = once.get(a), once.get(b)
-            if p == q or oa is None or ob is None:
+    for p, oa in uniq:
+        for q, ob in uniq:
+            if p == q:
                 continue
             for k, axis in enumerate(("col", "row")):
                 va, vb = getattr(oa, axis), getattr(ob, axis)
@@ -247,9 +246,9 @@ class QuestionProbes(torch.nn.Module):
     def __init__(self, hidden: int, word_layer: int, summary_layer: int, relations: bool = False):
         super().__init__()
         self.word_layer, self.summary_layer, self.relations = word_layer, summary_layer, relations
-        self.columns = SUMMARY + (RELATIONS if relations else ())
         self.word = torch.nn.Linear(hidden, sum(n for _, n in WORD_SLOTS))
-        self.summary = torch.nn.Linear(hidden, len(PAIRS) * sum(n for _, n in self.columns))
+        columns = SUMMARY + (RELATIONS if relations else ())
+        self.summary = torch.nn.Linear(hidden, len(PAIRS) * sum(n for _, n in columns))
         self.captured: dict[int, torch.Tensor] = {}
 
     def attach(self, model) -> list:

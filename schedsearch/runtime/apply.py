@@ -110,7 +110,7 @@ class ScheduleHandle:
             self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
         recycling = _field(schedule, "recycling")
         self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
-        weighting = _field(recycling, "weighting", "importance") if recycling else "importance"
+        weighting = _field(recycling, "weighting", "importance")
         if weighting not in RECYCLING_WEIGHTINGS:  # a dict schedule skips Schedule's validation
             raise ScheduleError(f"recycling.weighting must be one of {', '.join(RECYCLING_WEIGHTINGS)}, "
                                 f"got {weighting!r}")
