@@ -677,6 +677,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=400)
     ap.add_argument("--final-eval-n", type=int, default=1000)
+    ap.add_argument("--keep-every", type=int, default=0,
+                    help="also keep a copy of the checkpoint every this many steps in <out>.steps/<step> (for "
+                         "--report on several points of one run; 0 = off)")
     ap.add_argument("--probe", type=int, default=0, help="time this many steps and exit")
     ap.add_argument("--out", default="schedsearch/toy/model")
     ap.add_argument("--log", default="studies/results/train_toy")
@@ -790,6 +793,9 @@ def main(argv=None) -> int:
             with open(f"{log}.eval.jsonl", "a") as f:
                 f.write(json.dumps(ev) + "\n")
             save(model.cpu(), tok, improc, Path(args.out))  # checkpoint: a killed run still leaves a model
+            model.to(device)
+        if not args.probe and args.keep_every and (step + 1) % args.keep_every == 0:
+            save(model.cpu(), tok, improc, Path(f"{args.out}.steps") / str(step + 1))
             model.to(device)
         if el > args.time_limit:
             print(f"time limit reached at step {step + 1}", flush=True)
