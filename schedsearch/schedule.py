@@ -53,9 +53,9 @@ __all__ = [
     "make_provenance",
 ]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 (2026-11): scorer name "diverse"; 1.0: first version
 _MAJOR = 1
-SCORER_NAMES = ("last_token_attention", "text_attention", "uniform", "random", "external")
+SCORER_NAMES = ("last_token_attention", "text_attention", "uniform", "diverse", "random", "external")
 BUDGET_KINDS = ("flops", "tokens", "kv")
 RECYCLING_WEIGHTINGS = ("importance",)
 _PROVENANCE_PACKAGES = ("torch", "transformers", "optuna", "mlflow")
@@ -222,8 +222,8 @@ class Scorer(_Section):
     """How surviving visual tokens are chosen at a drop layer.
 
     ``name``: one of :data:`SCORER_NAMES`; ``params``: scorer settings, e.g. ``{"rope": true}``
-    for ``last_token_attention``, ``{"seed": 0}`` for ``random``, ``{"source": "vision_attention"}``
-    for ``external``.
+    for ``last_token_attention``, ``{"seed": 0}`` for ``random``, ``{"spatial": 1.0}`` for ``diverse``
+    (since 1.1), ``{"source": "vision_attention"}`` for ``external``.
     """
 
     name: str = "last_token_attention"
@@ -236,6 +236,8 @@ class Scorer(_Section):
     def __post_init__(self) -> None:
         _choice(self.name, "scorer.name", SCORER_NAMES)
         _set(self, "params", _mapping(self.params, "scorer.params"))
+        if self.name == "diverse" and "spatial" in self.params:
+            _opt_number(self.params["spatial"], "scorer.params.spatial")
         self._check_extra()
 
 

@@ -91,7 +91,7 @@ def test_cli_export_list_show_and_errors(qwen, tmp_path):
     listed = run("library", "list")
     assert entry_id in listed.stdout and "flops 0.6 (achieved 0.5800)" in listed.stdout
     shown = run("library", "show", entry_id)
-    assert shown.returncode == 0 and '"schema_version": "1.0"' in shown.stdout
+    assert shown.returncode == 0 and '"schema_version": "1.0"' in shown.stdout  # a 1.0 file stays 1.0
     for args in (("export", str(tmp_path / "missing.json")), ("library", "show", "nope/v0001"),
                  ("export", str(src), "--to", "s3")):
         bad = run(*args)

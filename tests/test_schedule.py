@@ -59,6 +59,7 @@ def variants() -> list[Schedule]:
         ),
         make(keep_ratios=[0.9, 0.3, 0.0, 0.0, 0.0, 0.0], scorer={"name": "text_attention", "params": {"rope": False}},
              method={"name": "fastv", "params": {"k": 1}}),
+        make(scorer={"name": "diverse", "params": {"spatial": 4.0}}),  # schema 1.1
     ]
 
 
@@ -89,7 +90,7 @@ def test_json_layout_sorted_keys_two_space_indent() -> None:
     data = json.loads(text)
     assert text == json.dumps(data, sort_keys=True, indent=2) + "\n"
     assert list(data) == sorted(data)
-    assert data["schema_version"] == SCHEMA_VERSION == "1.0"
+    assert data["schema_version"] == SCHEMA_VERSION == "1.1"
     assert data["recycling"] is None and data["objective"] is None
 
 
@@ -213,6 +214,8 @@ BAD_OBJECTS = [
     ({"scorer": {"name": "magic"}}, "scorer.name='magic' is not known: use one of last_token_attention"),
     ({"scorer": {"name": "random", "params": [1]}}, "scorer.params=[1] must be a JSON object"),
     ({"scorer": {"name": "random", "params": {"seed": object()}}}, "scorer.params['seed']="),
+    ({"scorer": {"name": "diverse", "params": {"spatial": -1}}}, "scorer.params.spatial=-1.0 is negative"),
+    ({"scorer": {"name": "diverse", "params": {"spatial": "far"}}}, "scorer.params.spatial='far' is not a number"),
     ({"recycling": {"grid": 0}}, "recycling.grid=0 is smaller than 1"),
     ({"recycling": {"grid": 2.5}}, "recycling.grid=2.5 is not an integer"),
     ({"recycling": {"grid": 2, "weighting": "mean"}}, "recycling.weighting='mean' is not known"),

@@ -84,7 +84,7 @@ def optimize(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
     scorer: str | None = typer.Option(None, "--scorer",
                                       help="auto (searched, default), last_token_attention, text_attention, uniform, "
-                                           "random."),
+                                           "diverse, random."),
     rope: bool | None = typer.Option(None, "--rope/--no-rope", help="Attention scorers: rank with RoPE applied."),
     tolerance: float | None = typer.Option(None, "--tolerance",
                                               help="gsearch: cheapest schedule within this discrepancy."),

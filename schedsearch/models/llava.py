@@ -106,8 +106,10 @@ class LlavaNextAdapter(_LlavaBase):
 
         sizes = batch.get("image_sizes")
         if sizes is None:
-            raise ValueError("visual_coords: LLaVA-NeXT needs image_sizes (the processor's output) to place the "
-                             "high-resolution tokens")
+            raise ValueError("LLaVA-NeXT needs image_sizes (the processor's output) to place the high-resolution "
+                             "tokens, and generate() hands it only to the image encoder: prefill with "
+                             "model(**batch), or use a schedule without positions (no recycling, a scorer other "
+                             "than diverse)")
         cfg = self.model.config
         side = self._grid_side()
         per_image = []

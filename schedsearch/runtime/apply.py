@@ -303,17 +303,24 @@ class ScheduleHandle:
         if pe is not None:
             cos, sin = (_gather_seq(t.expand(bsz, *t.shape[1:]), cur, dim=1) for t in pe)
         n_keep = st.counts[l]
+        coords = None
+        if self.grid or getattr(self.scorer, "needs_coords", False):
+            if st.coords is None:
+                try:
+                    st.coords = self.adapter.visual_coords(self._batch_info())
+                except ValueError as err:
+                    what = "recycling" if self.grid else f"scorer {self.scorer.name}"
+                    raise RuntimeScheduleError(f"{what} needs the visual tokens' image positions: {err}") from None
+            coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
         ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
                            visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
-                           head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+                           head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           coords=coords)
         with torch.no_grad():
             scores = self.scorer(ctx).float()
         order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
         keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
-        if self.grid and st.coords is None:
-            st.coords = self.adapter.visual_coords(self._batch_info())
         if self.grid:
-            coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
             vis_h = _gather_seq(hs, vis_local, dim=1)
             merged = merge_into_kept(vis_h, keep_vis, scores, cell_ids(coords, self.grid))
             hs = hs.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged)

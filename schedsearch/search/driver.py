@@ -150,7 +150,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
         if s["scorer"] != "auto" else {"name": "auto"},
     )
     settings.validate()  # fail fast, before loading anything heavy
-    known = ("auto", "last_token_attention", "text_attention", "uniform", "random")
+    known = ("auto", "last_token_attention", "text_attention", "uniform", "diverse", "random")
     if s["scorer"] not in known:
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
     settings.method = s["method"]
