@@ -11,7 +11,9 @@ final-norm hidden state against the unpruned model, the search objective):
 * ``distinct``: tokens whose vision-tower output is least similar to the image's mean token first, a
   duplication-style ranking in the spirit of DART (Wen et al., arXiv 2502.11494: keep tokens that are not
   duplicates), computed here against the mean token instead of pivot tokens;
-* ``vflow map, t = T``: the `vflow` scorer's importance map (VFlowOpt, arXiv 2508.05211, Sec. 3.2).
+* ``vflow map, t = T``: the `vflow` scorer's importance map (VFlowOpt, arXiv 2508.05211, Sec. 3.2);
+* ``diverse, spatial S``: the runtime's ``diverse`` scorer, greedy max-min diversity of the visual tokens' states
+  (DivPrune, arXiv 2503.02175) plus S times their distance on the image grid (S = 0 is DivPrune's distance).
 
 If the object oracle does not beat ``uniform``, no importance ranking can do much better on this model, and the
 searches' choice of the ``uniform`` scorer at small budgets (studies/results/sweep.md) is the right one.
@@ -30,6 +32,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+#: spatial weights of the runtime's ``diverse`` scorer shown (0 = DivPrune's feature-only distance; 4 and 16 are
+#: two of the values the searches choose from, schedsearch.search.methods.SCORER_CHOICES)
+DIVERSE_SPATIAL = (0, 4, 16)
 
 
 def rankings(adapter, t: float):
@@ -61,7 +68,9 @@ def rankings(adapter, t: float):
             "random": ({"name": "random", "params": {"seed": 0}}, None),
             "objects first (oracle)": (ext, objects_first),
             "distinct (vs the mean token)": (ext, distinct),
-            f"vflow map, t = {t:g}": (ext, vflow)}
+            f"vflow map, t = {t:g}": (ext, vflow),
+            **{f"diverse, spatial {s:g}" + (" (DivPrune)" if s == 0 else ""):
+               ({"name": "diverse", "params": {"spatial": float(s)}}, None) for s in DIVERSE_SPATIAL}}
 
 
 def run(adapter, n: int, keeps, t: float = 2.0, batch: int = 8) -> list[dict]:

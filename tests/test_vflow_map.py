@@ -49,11 +49,13 @@ def test_ranking_study_rows_and_table():
     rs = _study("ranking_study")
     torch.manual_seed(0)
     rows = rs.run(load_model("toy"), 8, [0.22], batch=4)
-    assert [r["ranking"] for r in rows][:3] == ["uniform", "random", "objects first (oracle)"] and len(rows) == 5
+    names = [r["ranking"] for r in rows]
+    assert names[:3] == ["uniform", "random", "objects first (oracle)"] and len(rows) == 5 + len(rs.DIVERSE_SPATIAL)
+    assert "diverse, spatial 0 (DivPrune)" in names
     values = [r["discrepancy"] for r in rows]
-    assert all(0 < v < 2 for v in values) and len(set(values)) == 5
+    assert all(0 < v < 2 for v in values) and len(set(values)) == len(rows)
     text = rs.table(rows)
-    assert "| 0.22 | uniform |" in text and "1.00x" in text and text.count("\n") == 6
+    assert "| 0.22 | uniform |" in text and "1.00x" in text and text.count("\n") == len(rows) + 1
 
 
 def test_readme_ranking_figures_come_from_the_study():
