@@ -15,9 +15,9 @@ from schedsearch.toy.__main__ import main as toy_main
 from schedsearch.toy.questions import QTYPES
 from schedsearch.toy.scenes import GRID
 
-#: Issue 3 asks for >= 90 % exact match on held-out questions; the shipped model answers 0.902 of 1,000
+#: Issue 3 asks for >= 90 % exact match on held-out questions; the shipped model answers 0.903 of 1,000
 #: (studies/results/train_toy.heldout.md). The test checks that threshold on the first 200 held-out questions, a
-#: fixed set answered deterministically: the shipped model gets 0.920 of them (184), a margin of 4 answers for
+#: fixed set answered deterministically: the shipped model gets 0.915 of them (183), a margin of 3 answers for
 #: numerical differences between machines, so a broken loading path, processor or a worse model fails.
 SHIPPED_FLOOR = 0.90
 #: every question type must stay far above its chance rate (uniform guess over the answers the template allows)
