@@ -110,3 +110,16 @@ def test_search_scorer_choices_are_valid_schedule_scorers():
         assert build_scorer(sc["name"], sc["params"]).name == sc["name"], key
     spatial = [sc["params"]["spatial"] for sc in SCORER_CHOICES.values() if sc["name"] == "diverse"]
     assert len(spatial) >= 2 and all(a < b for a, b in itertools.pairwise(spatial))
+
+
+def test_written_schedules_carry_the_current_schema_version(tiny_dir, tmp_path):
+    """A schedule that may use a 1.1 scorer must say 1.1: the writers take SCHEMA_VERSION, not a literal."""
+    from schedsearch.models import load_model
+    from schedsearch.schedule import SCHEMA_VERSION, load_schedule
+    from schedsearch.testing.tiny import schedule_for
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    sched = schedule_for(ad, [1.0] + [0.5] * (ad.num_layers - 1), scorer="diverse", params={"spatial": 4.0})
+    assert sched.schema_version == SCHEMA_VERSION == "1.1"
+    sched.save(tmp_path / "s.json")
+    assert load_schedule(tmp_path / "s.json").scorer.name == "diverse"

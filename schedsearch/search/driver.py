@@ -53,10 +53,10 @@ def _study_name(s: dict) -> str:
 
 def build_schedule(adapter: Any, cand: Any, s: dict, *, objective: dict, method_params: dict, budget: dict,
                    provenance: dict) -> Any:
-    from schedsearch.schedule import Schedule, make_provenance
+    from schedsearch.schedule import SCHEMA_VERSION, Schedule, make_provenance
 
     return Schedule.from_dict({
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "keep_ratios": [float(r) for r in cand.ratios],
         "scorer": cand.scorer,
         "recycling": cand.recycling,

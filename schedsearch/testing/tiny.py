@@ -176,10 +176,10 @@ def _make_llava(family: str, out: Path) -> None:
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
                  requested: float = 0.5):
     """A valid :class:`~schedsearch.schedule.Schedule` for ``adapter`` with the given keep ratios (tests, demos)."""
-    from schedsearch.schedule import Schedule, make_provenance
+    from schedsearch.schedule import SCHEMA_VERSION, Schedule, make_provenance
 
     return Schedule.from_dict({
-        "schema_version": "1.0", "keep_ratios": list(ratios),
+        "schema_version": SCHEMA_VERSION, "keep_ratios": list(ratios),
         "scorer": {"name": scorer, "params": params if params is not None else {"rope": False}},
         "recycling": None,
         "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": adapter.num_layers,

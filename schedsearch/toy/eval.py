@@ -88,11 +88,11 @@ def accuracy(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batc
 def random_drop_schedule(adapter: Any, keep: float = 0.1, after_layer: int = 2, seed: int = 0) -> Any:
     """A schedule keeping a random ``keep`` fraction of visual tokens from decoder layer ``after_layer`` on
     (layers ``0 .. after_layer-1`` see every token)."""
-    from schedsearch.schedule import Schedule, make_provenance
+    from schedsearch.schedule import SCHEMA_VERSION, Schedule, make_provenance
 
     n = adapter.num_layers
     return Schedule.from_dict({
-        "schema_version": "1.0", "keep_ratios": [1.0] * after_layer + [float(keep)] * (n - after_layer),
+        "schema_version": SCHEMA_VERSION, "keep_ratios": [1.0] * after_layer + [float(keep)] * (n - after_layer),
         "scorer": {"name": "random", "params": {"seed": seed}}, "recycling": None,
         "model": {"family": adapter.family, "name": str(adapter.name_or_path), "num_layers": n,
                   "fingerprint": adapter.fingerprint()},
