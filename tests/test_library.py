@@ -11,6 +11,7 @@ import torch
 
 from schedsearch.library import Library, LibraryError
 from schedsearch.runtime import apply_schedule
+from schedsearch.schedule import SCHEMA_VERSION
 from schedsearch.testing.tiny import schedule_for, tiny_images
 
 
@@ -91,7 +92,7 @@ def test_cli_export_list_show_and_errors(qwen, tmp_path):
     listed = run("library", "list")
     assert entry_id in listed.stdout and "flops 0.6 (achieved 0.5800)" in listed.stdout
     shown = run("library", "show", entry_id)
-    assert shown.returncode == 0 and '"schema_version": "1.0"' in shown.stdout  # a 1.0 file stays 1.0
+    assert shown.returncode == 0 and f'"schema_version": "{SCHEMA_VERSION}"' in shown.stdout
     for args in (("export", str(tmp_path / "missing.json")), ("library", "show", "nope/v0001"),
                  ("export", str(src), "--to", "s3")):
         bad = run(*args)
