@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from schedsearch.errors import ScheduleError
+from schedsearch.schedule import SCORER_NAMES
 
 
 @dataclass
@@ -180,7 +181,8 @@ class Diverse:
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         bsz, v = ctx.visual_local.shape
         raw = ctx.hidden_states.gather(1, ctx.visual_local[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
-        h = torch.nn.functional.normalize(raw.float(), dim=-1)
+        raw = raw.float()
+        h = torch.nn.functional.normalize(raw, dim=-1)
         dist = 1.0 - h @ h.transpose(1, 2)  # (B, V, V) cosine distance
         if self.spatial > 0:
             if ctx.coords is None:
@@ -194,7 +196,7 @@ class Diverse:
         n = min(ctx.n_keep, v)
         if n <= 0:
             return scores
-        mean = torch.nn.functional.normalize(raw.float().mean(dim=1, keepdim=True), dim=-1)
+        mean = torch.nn.functional.normalize(raw.mean(dim=1, keepdim=True), dim=-1)
         pick = (h * mean).sum(-1).argmin(dim=1)  # (B,) least like the mean token
         rows = torch.arange(bsz, device=h.device)
         nearest = torch.full((bsz, v), float("inf"), device=h.device)  # distance to the kept set
@@ -263,7 +265,4 @@ def build_scorer(name: str, params: dict[str, Any] | None = None, importance: An
         return Diverse(spatial=1.0 if spatial is None else spatial)
     if name == "external":
         return External(importance)
-    raise ScheduleError(
-        f"scorer.name={name!r} is not known: use one of last_token_attention, text_attention, uniform, diverse, "
-        "random, external"
-    )
+    raise ScheduleError(f"scorer.name={name!r} is not known: use one of {', '.join(SCORER_NAMES)}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import SchedsearchError
+from schedsearch.schedule import SCORER_NAMES
 from schedsearch.search.interrupt import SigintGuard, fail_running
 from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
 
@@ -150,7 +151,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
         if s["scorer"] != "auto" else {"name": "auto"},
     )
     settings.validate()  # fail fast, before loading anything heavy
-    known = ("auto", "last_token_attention", "text_attention", "uniform", "diverse", "random")
+    known = ("auto", *(n for n in SCORER_NAMES if n != "external"))  # external needs a map passed in code
     if s["scorer"] not in known:
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
     settings.method = s["method"]
