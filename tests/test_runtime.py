@@ -1,6 +1,6 @@
 """Runtime invariants on tiny random-init models of the four real transformers classes.
 
-Fixtures (tests/conftest.py): ``tiny_adapter`` is a loaded adapter per family, built from a config,
+Fixtures (tests/conftest.py): ``family_adapter`` is a loaded adapter per family, built from a config,
 saved and reloaded with ``from_pretrained``.
 """
 
@@ -38,8 +38,8 @@ def _suppress(adapter):
 
 
 @torch.no_grad()
-def test_all_ones_identical_and_restored(tiny_adapter):
-    ad = tiny_adapter
+def test_all_ones_identical_and_restored(family_adapter):
+    ad = family_adapter
     batch = _batch(ad, ["what colour is it?", "is there a red square in the top left?"])
     ref = ad.model(**batch).logits
     state = {k: v.clone() for k, v in ad.model.state_dict().items()}
@@ -57,10 +57,10 @@ def test_all_ones_identical_and_restored(tiny_adapter):
 
 
 @pytest.fixture(params=["sdpa", "eager"])
-def attn_adapter(request, tiny_adapter):
-    tiny_adapter.model.set_attn_implementation(request.param)
-    yield tiny_adapter
-    tiny_adapter.model.set_attn_implementation("sdpa")
+def attn_adapter(request, family_adapter):
+    family_adapter.model.set_attn_implementation(request.param)
+    yield family_adapter
+    family_adapter.model.set_attn_implementation("sdpa")
 
 
 @pytest.mark.parametrize("ratios_kind", ["mid", "layer0"])
@@ -85,8 +85,9 @@ def test_cached_generate_equals_recompute(attn_adapter, ratios_kind):
                 full = dict(batch)
                 full["input_ids"] = seq
                 full["attention_mask"] = torch.ones_like(seq)
-                if "mm_token_type_ids" in batch:
-                    full["mm_token_type_ids"] = (seq == ad.image_token_id).to(batch["mm_token_type_ids"].dtype)
+                for key in ad.spec.token_type_keys:  # 1 = image token (Qwen's mm_token_type_ids, Gemma 3's)
+                    if key in batch:
+                        full[key] = (seq == ad.image_token_id).to(batch[key].dtype)
                 logits = ad.model(**full, use_cache=False).logits[:, -1]
                 torch.testing.assert_close(logits, out.logits[s], atol=1e-4, rtol=1e-4)
                 logits[:, _suppress(ad)] = float("-inf")  # generate() suppressed these
@@ -118,10 +119,10 @@ def test_left_padded_batch_equals_alone(attn_adapter, scorer):
 
 
 @torch.no_grad()
-def test_survivors_keep_original_positions(tiny_adapter):
+def test_survivors_keep_original_positions(family_adapter):
     """The rotary cos/sin each layer sees for a survivor are those of its ORIGINAL position
     (Qwen: computed from 3-D mRoPE ids)."""
-    ad = tiny_adapter
+    ad = family_adapter
     batch = _batch(ad, ["where is the circle?", "a longer prompt about the circle and square"])
     seen: dict[int, tuple] = {}
 
@@ -155,25 +156,29 @@ def test_survivors_keep_original_positions(tiny_adapter):
 
 
 @torch.no_grad()
-def test_kv_cache_holds_only_survivors(tiny_adapter):
-    ad = tiny_adapter
+def test_kv_cache_holds_only_survivors(family_adapter):
+    ad = family_adapter
     batch = _batch(ad, ["what colour is the shape?"])
     n_tok = batch["input_ids"].shape[1]
     n_vis = int(ad.visual_mask(batch["input_ids"])[0].sum())
     sched = _sched(ad.num_layers, [0.5] + [0.5] * (ad.num_layers - 2) + [0.25])
+    from schedsearch.runtime.masks import window_of
     from schedsearch.schedule import kept_counts
 
     counts = kept_counts(sched["keep_ratios"], n_vis)
     with apply_schedule(ad.model, sched, adapter=ad):
         out = ad.model(**batch, use_cache=True)
     lens = [out.past_key_values.layers[l].keys.shape[-2] for l in range(ad.num_layers)]
-    assert lens == [n_tok - n_vis + c for c in counts]
+    # a sliding-window layer (Gemma 3) keeps only its last window - 1 entries
+    windows = [window_of(out.past_key_values, l) for l in range(ad.num_layers)]
+    want = [n_tok - n_vis + c for c in counts]
+    assert lens == [n if w is None else min(n, w - 1) for n, w in zip(want, windows, strict=True)]
 
 
 @torch.no_grad()
-def test_last_token_scorer_matches_eager_attention(tiny_adapter):
+def test_last_token_scorer_matches_eager_attention(family_adapter):
     """The q/k scorer reproduces the layer's own attention row: compare with eager attention weights."""
-    ad = tiny_adapter
+    ad = family_adapter
     ad.model.set_attn_implementation("eager")
     try:
         batch = _batch(ad, ["is the square above the circle?"])
@@ -194,8 +199,8 @@ def test_last_token_scorer_matches_eager_attention(tiny_adapter):
 
 
 @torch.no_grad()
-def test_recycling_changes_states_not_selection(tiny_adapter):
-    ad = tiny_adapter
+def test_recycling_changes_states_not_selection(family_adapter):
+    ad = family_adapter
     batch = _batch(ad, ["where is the red triangle?"])
     base = _sched(ad.num_layers, scorer="last_token_attention")
     rec = _sched(ad.num_layers, scorer="last_token_attention", grid=2)
@@ -209,16 +214,16 @@ def test_recycling_changes_states_not_selection(tiny_adapter):
     assert not torch.allclose(a, b)
 
 
-def test_dict_schedule_with_unknown_recycling_weighting_is_refused(tiny_adapter):
+def test_dict_schedule_with_unknown_recycling_weighting_is_refused(family_adapter):
     """A dict schedule skips Schedule's validation; an unknown weighting must not be silently ignored."""
     from schedsearch.errors import ScheduleError
 
-    sched = {"keep_ratios": [0.5] * tiny_adapter.num_layers, "scorer": {"name": "uniform", "params": {}},
+    sched = {"keep_ratios": [0.5] * family_adapter.num_layers, "scorer": {"name": "uniform", "params": {}},
              "recycling": {"grid": 2, "weighting": "uniform"}}
     with pytest.raises(ScheduleError, match="recycling.weighting must be one of importance, got 'uniform'"):
-        apply_schedule(tiny_adapter.model, sched, adapter=tiny_adapter)
+        apply_schedule(family_adapter.model, sched, adapter=family_adapter)
     sched["recycling"]["weighting"] = "importance"
-    apply_schedule(tiny_adapter.model, sched, adapter=tiny_adapter).remove()
+    apply_schedule(family_adapter.model, sched, adapter=family_adapter).remove()
 
 
 def test_merge_into_kept_by_hand():
@@ -231,15 +236,15 @@ def test_merge_into_kept_by_hand():
     assert out[0, 2, 0].item() == pytest.approx(10.0)
 
 
-def test_layer_count_mismatch(tiny_adapter):
+def test_layer_count_mismatch(family_adapter):
     with pytest.raises(IncompatibleScheduleError, match="decoder layers"):
-        apply_schedule(tiny_adapter.model, {"keep_ratios": [1.0] * (tiny_adapter.num_layers + 1)},
-                       adapter=tiny_adapter)
+        apply_schedule(family_adapter.model, {"keep_ratios": [1.0] * (family_adapter.num_layers + 1)},
+                       adapter=family_adapter)
 
 
 @torch.no_grad()
-def test_unequal_visual_counts_rejected(tiny_adapter):
-    ad = tiny_adapter
+def test_unequal_visual_counts_rejected(family_adapter):
+    ad = family_adapter
     batch = _batch(ad, ["a", "b"])
     ids = batch["input_ids"].clone()
     vis = ad.visual_mask(ids)
@@ -252,10 +257,10 @@ def test_unequal_visual_counts_rejected(tiny_adapter):
 
 
 @torch.no_grad()
-def test_apply_without_adapter(tiny_adapter):
+def test_apply_without_adapter(family_adapter):
     """apply_schedule(model, schedule) finds the family adapter from the model config."""
 
-    ad = tiny_adapter
+    ad = family_adapter
     batch = _batch(ad, ["what is it?"])
     sched = _sched(ad.num_layers)
     with apply_schedule(ad.model, sched, adapter=ad):
@@ -265,10 +270,10 @@ def test_apply_without_adapter(tiny_adapter):
     assert torch.equal(want, got)
 
 
-def test_survival_grid(tiny_adapter):
+def test_survival_grid(family_adapter):
     from schedsearch.evaluation import survival_grid
 
-    ad = tiny_adapter
+    ad = family_adapter
     img = tiny_images(1, seed=1)[0]
     n = ad.num_layers
     grid = survival_grid(ad, _sched(n, [1.0] + [0.5] * (n - 1)), [img], "where?")

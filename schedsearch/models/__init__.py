@@ -33,6 +33,9 @@ ALIASES: dict[str, str] = {
     "qwen2-vl": "Qwen/Qwen2-VL-2B-Instruct",
     "llava-1.5": "llava-hf/llava-1.5-7b-hf",
     "llava-next": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "qwen3-vl": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    "gemma3": "google/gemma-3-4b-it",
     "toy": str(TOY_DIR),
 }
 
@@ -42,6 +45,9 @@ REGISTRY: dict[str, str] = {
     "qwen2_vl": "schedsearch.models.qwen_vl:Qwen2VLAdapter",
     "llava": "schedsearch.models.llava:LlavaAdapter",
     "llava_next": "schedsearch.models.llava:LlavaNextAdapter",
+    "qwen3_vl": "schedsearch.models.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "schedsearch.models.qwen3_vl:Qwen3VLMoeAdapter",
+    "gemma3": "schedsearch.models.gemma3:Gemma3Adapter",
 }
 
 

@@ -36,6 +36,12 @@ class FamilySpec:
     text_model_path: str  # attribute path from the top model to the decoder stack, e.g. "model.language_model"
     image_token_attr: str = "image_token_id"  # attribute of the top config holding the image token id
     vision_path: str = ""  # attribute path to the vision tower (its call inputs are recorded for visual_coords)
+    #: DeepStack (arXiv 2406.04334, Qwen3-VL): the text model's (visual-position mask, per-layer features) kwargs;
+    #: the stock forward adds features[i] at the visual positions after decoder layer i. Empty: no DeepStack.
+    deepstack_kwargs: tuple[str, ...] = ()
+    #: batch keys the model needs next to input_ids that follow the sequence (e.g. Gemma 3's token_type_ids:
+    #: 1 = image token, bidirectional attention among them); prepare() keeps them, tests extend them.
+    token_type_keys: tuple[str, ...] = ()
 
 
 #: Where a prompt wants its images: ``"what is in <image> ?"``. Without markers, images go before the text.
@@ -61,6 +67,29 @@ def chat_content(prompt: str, n_images: int) -> list[dict]:
         if k < n_images:
             content.append({"type": "image"})
     return content
+
+
+def chat_batch(processor: Any, images: list[list[Any]], prompts: list[str], *, nested: bool = False,
+               drop: tuple[str, ...] = ("token_type_ids",), **proc_kwargs: Any) -> Any:
+    """Left-padded processor batch for one user turn per sample, rendered with the chat template.
+
+    The template comes from the processor (or its tokenizer); each prompt's images take the places of its
+    ``<image>`` markers (:func:`chat_content`). ``nested``: pass images as one list per sample (processors that
+    validate per-sample image counts, e.g. Gemma 3, Idefics3) instead of one flat list. Keys in ``drop`` are
+    removed from the result (the default drops BERT-style token_type_ids that VLMs do not take).
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
+    owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
+    texts = [owner.apply_chat_template([{"role": "user", "content": chat_content(p, len(imgs))}], tokenize=False,
+                                       add_generation_prompt=True) for imgs, p in zip(images, prompts, strict=True)]
+    flat = [im for imgs in images for im in imgs]
+    processor.tokenizer.padding_side = "left"
+    pics: Any = ([list(imgs) for imgs in images] if nested else flat) if flat else None
+    batch = processor(images=pics, text=texts, padding=True, return_tensors="pt", **proc_kwargs)
+    for key in drop:
+        batch.pop(key, None)
+    return batch
 
 
 class VLMAdapter:

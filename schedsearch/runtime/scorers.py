@@ -46,6 +46,9 @@ class ScoreContext:
     #: (B, V, 3) (image index, row, col in [0, 1)) of the alive visual tokens; filled only for scorers that set
     #: ``needs_coords = True`` (the runtime asks the adapter's ``visual_coords`` once per prefill)
     coords: torch.Tensor | None = None
+    #: (B, 1, n, n) bool, True = query may attend key: the layer's own attention mask over the alive tokens
+    #: (sliding windows, bidirectional image blocks, padding); None = plain causal over ``key_valid``
+    attention_mask: torch.Tensor | None = None
 
 
 class Scorer(Protocol):
@@ -89,9 +92,14 @@ def _attention_rows(ctx: ScoreContext, query_local: torch.Tensor, rope: bool) ->
         k = _rope(k, ctx.cos, ctx.sin)
     groups = ctx.num_heads // ctx.num_kv_heads
     k = k.repeat_interleave(groups, dim=1)  # GQA: (B, H, n, hd)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * ctx.head_dim**-0.5  # (B, H, Q, n)
+    scale = getattr(attn, "scaling", None) or ctx.head_dim**-0.5  # Gemma 3: query_pre_attn_scalar**-0.5
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, n)
     keys = torch.arange(n, device=h.device)
-    allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
+    if ctx.attention_mask is not None:  # the layer's own mask (sliding window, image blocks), rows of the queries
+        rows = ctx.attention_mask[:, 0].gather(1, query_local[..., None].expand(-1, -1, n))
+        allowed = ctx.key_valid[:, None, None, :] & rows[:, None]
+    else:
+        allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs.mean(dim=1)  # (B, Q, n)

@@ -12,7 +12,9 @@ vision tower. The tokenizer is a word-level one (:func:`schedsearch.textvocab.bu
 that carries the family's real special tokens and a chat template of the same shape as the real one.
 Images of :data:`TINY_IMAGE_SIZE` give 16 visual tokens (Qwen: 112 px / patch 14 / merge 2 = 4x4),
 64 (LLaVA-1.5: CLIP 64 px / patch 8) or 64 + 8x9 = 136 (LLaVA-NeXT: base grid + one high-res tile
-with a newline token per row).
+with a newline token per row). The families of :data:`NEW_FAMILIES` keep the same text shape and add
+what makes each family different (each builder's docstring says what): Qwen3-VL's DeepStack and MoE
+experts, Gemma 3's sliding-window layers (a window shorter than the prompts), ...
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAMILIES", "TINY_IMAGE_SIZE", "make_tiny", "tiny_images"]
+__all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_tiny", "tiny_images"]
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
+#: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
+NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3")
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
 WORDS = ("what colour is it the a an of in on top left right bottom red green blue square circle there "
@@ -80,13 +85,15 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     """
     import torch
 
-    if family not in FAMILIES:
-        raise ValueError(f"make_tiny: family={family!r} is not one of {list(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"make_tiny: family={family!r} is not one of {list(ALL_FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if family in ("qwen2_5_vl", "qwen2_vl"):
+    if family in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"):
         _make_qwen(family, out)
+    elif family == "gemma3":
+        _make_gemma3(out)
     else:
         _make_llava(family, out)
     return out
@@ -107,12 +114,32 @@ def _make_qwen(family: str, out: Path) -> None:
                                  "mrope_section": [2, 3, head_dim // 2 - 5]})
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    patch = 14
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Cfg
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        # Qwen3-VL: 16 px patches, learned position grid, DeepStack features from vision blocks 0 and 1 added
+        # after decoder layers 0 and 1; interleaved 3-D mRoPE; per-head q/k norms. MoE: 4 experts, top 2, the
+        # last layer dense (mlp_only_layers), so both MLP kinds are exercised.
+        patch = 16
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        if family == "qwen3_vl":
+            from transformers import Qwen3VLConfig as Cfg
+            from transformers import Qwen3VLForConditionalGeneration as Model
+        else:
+            from transformers import Qwen3VLMoeConfig as Cfg
+            from transformers import Qwen3VLMoeForConditionalGeneration as Model
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                        mlp_only_layers=[3])
     else:
         from transformers import Qwen2VLConfig as Cfg
         from transformers import Qwen2VLForConditionalGeneration as Model
@@ -121,7 +148,7 @@ def _make_qwen(family: str, out: Path) -> None:
     cfg = Cfg(text_config=text, vision_config=vision, **common)
     model = Model(cfg).eval()
     model.save_pretrained(out)
-    improc = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+    improc = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64})
     tok.save_pretrained(out)
     improc.save_pretrained(out)
@@ -129,7 +156,8 @@ def _make_qwen(family: str, out: Path) -> None:
     # template sits next to the tokenizer (the stock processor needs torchvision to be built; see PLATFORM.md).
     pre = out / "preprocessor_config.json"
     data = json.loads(pre.read_text())
-    data["processor_class"] = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    data["processor_class"] = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(
+        family, "Qwen3VLProcessor")
     pre.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.jinja").write_text(QWEN_TEMPLATE)
 
@@ -171,6 +199,49 @@ def _make_llava(family: str, out: Path) -> None:
                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
                 chat_template=LLAVA_TEMPLATE)
     proc.save_pretrained(out)
+
+
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]
+# Gemma 3's template for user turns of images and text; the processor expands <start_of_image>.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _make_gemma3(out: Path) -> None:
+    """Gemma 3: SigLIP 64 px / patch 8 pooled to 4x4 = 16 tokens per image; layers 0-2 slide over a window of 12
+    (shorter than every test prompt), layer 3 is global; query_pre_attn_scalar 24 != head_dim 16."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=GEMMA3_SPECIALS, chat_template=GEMMA3_TEMPLATE,
+                               pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                               extra_attributes={"extra_special_tokens": {
+                                   "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                   "image_token": "<image_soft_token>"}})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    text = dict(_TEXT, head_dim=16, vocab_size=len(tok), bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
+                pad_token_id=ids["<pad>"], query_pre_attn_scalar=24, sliding_window=12,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope, rope_theta=20000.0)})
+    text.pop("rms_norm_eps")
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=8)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                       boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                       image_token_index=ids["<image_soft_token>"])
+    Gemma3ForConditionalGeneration(cfg).eval().save_pretrained(out)
+    improc = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
+    Gemma3Processor(image_processor=improc, tokenizer=tok, chat_template=GEMMA3_TEMPLATE,
+                    image_seq_length=16).save_pretrained(out)
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,

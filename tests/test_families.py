@@ -1,0 +1,169 @@
+"""Families added for issue 16 (Qwen3-VL / -MoE, InternVL, Gemma 3, LLaVA-OneVision, Idefics3 / SmolVLM, Mistral 3,
+...): checks beyond tests/test_runtime.py's invariants, on tiny random-init checkpoints loaded with load_model(DIR).
+
+* pruning == masking: a pruned prefill gives the same last-token logits as the UNPRUNED model run with eager
+  attention where every dropped token's key is masked out from the layer it is dropped at on (an independent
+  reference: dropped tokens then influence nothing, and survivors keep everything else -- positions, DeepStack
+  features, bidirectional image blocks, sliding windows);
+* a left-padded batch gives each sample's prefill logits (not only its greedy tokens) as when run alone;
+* visual_coords for every layout the family has.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schedsearch.runtime import apply_schedule
+from schedsearch.testing.tiny import tiny_images
+
+PROMPTS = ["what is it?", "count the shapes in the top half of the image please"]
+
+
+def _sched(n: int, ratios, scorer: str = "uniform") -> dict:
+    return {"keep_ratios": list(ratios), "scorer": {"name": scorer, "params": {}}, "recycling": None}
+
+
+def _batch(ad, prompts, seed=0):
+    img = tiny_images(1, seed=seed)[0]
+    return ad.prepare([[img] for _ in prompts], prompts)
+
+
+def _masking_hooks(ad, kept: dict[int, torch.Tensor], n: int) -> list:
+    """Per-layer pre-hooks that mask out, in each layer's own 4-D (eager, additive) mask, the keys not in
+    ``kept[l]`` (original positions alive at layer l)."""
+
+    def make(l):
+        def hook(module, args, kwargs):
+            if l not in kept:
+                return None
+            mask = kwargs["attention_mask"]
+            assert isinstance(mask, torch.Tensor) and mask.dim() == 4, type(mask)
+            alive = torch.zeros(mask.shape[0] if mask.shape[0] > 1 else kept[l].shape[0], n, dtype=torch.bool)
+            alive.scatter_(1, kept[l], True)
+            mask = mask.expand(alive.shape[0], *mask.shape[1:]).clone()
+            mask.masked_fill_(~alive[:, None, None, :], torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    return [layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(ad.decoder_layers)]
+
+
+@pytest.mark.parametrize("where", ["layer0", "mid"])
+@torch.no_grad()
+def test_pruning_equals_masking(family_adapter, where):
+    ad = family_adapter
+    n_layers = ad.num_layers
+    ratios = [0.5] * (n_layers - 1) + [0.25] if where == "layer0" else [1.0] + [0.5] * (n_layers - 2) + [0.25]
+    ad.model.set_attn_implementation("eager")
+    try:
+        batch = _batch(ad, PROMPTS)
+        with apply_schedule(ad.model, _sched(n_layers, ratios, "last_token_attention"), adapter=ad) as h:
+            pruned = ad.model(**batch).logits[:, -1]
+            kept = {l: t.clone() for l, t in h.kept_indices.items()}
+        assert kept, "nothing was dropped"
+        hooks = _masking_hooks(ad, kept, batch["input_ids"].shape[1])
+        try:
+            ref = ad.model(**batch).logits[:, -1]
+        finally:
+            for hd in hooks:
+                hd.remove()
+    finally:
+        ad.model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(pruned, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scorer", ["last_token_attention", "diverse"])
+@torch.no_grad()
+def test_padded_prefill_logits_equal_alone(family_adapter, scorer):
+    ad = family_adapter
+    n = ad.num_layers
+    sched = _sched(n, [1.0] + [0.5] * (n - 2) + [0.25], scorer)
+    both = _batch(ad, PROMPTS)
+    assert int((both["attention_mask"] == 0).sum()) > 0
+    with apply_schedule(ad.model, sched, adapter=ad):
+        got = ad.model(**both).logits[:, -1]
+        for i, p in enumerate(PROMPTS):
+            alone = ad.model(**_batch(ad, [p])).logits[:, -1]
+            torch.testing.assert_close(got[i], alone[0], atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs / KV
+def _moe_text():
+    from transformers import Qwen3VLMoeTextConfig, Qwen3VLMoeTextModel
+
+    # layer 1 dense (mlp_only_layers); experts run by transformers' eager loop so FlopCounterMode sees them
+    cfg = Qwen3VLMoeTextConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                               num_attention_heads=6, num_key_value_heads=2, head_dim=12, num_experts=6,
+                               num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[1],
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 2, 2]},
+                               attn_implementation="eager", experts_implementation="eager")
+    return Qwen3VLMoeTextModel(cfg).eval()
+
+
+def _gemma3_text():
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                           query_pre_attn_scalar=20, attn_implementation="eager",
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    return Gemma3TextModel(cfg).eval()
+
+
+TEXT_BUILDERS = {"qwen3_vl_moe_text": _moe_text, "gemma3_text": _gemma3_text}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_BUILDERS))
+@torch.no_grad()
+def test_family_flops_and_kv_match_real_model(name):
+    """Per-layer analytic FLOPs (MoE: router + active experts; sliding layers: the full square eager computes)
+    within 3% of FlopCounterMode with eager attention, unpruned and pruned; KV bytes (sliding layers: window - 1
+    tokens) equal to the real DynamicCache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from schedsearch.flops import DecoderShape, kv_cache_bytes, prefill_flops
+    from schedsearch.schedule import kept_counts
+
+    torch.manual_seed(0)
+    model = TEXT_BUILDERS[name]()
+    shape = DecoderShape.from_config(model.config)
+    assert shape.moe_layers == ((0, 2) if name.startswith("qwen3") else ())
+    assert shape.sliding_layers == ((0, 2) if name.startswith("gemma3") else ())
+    n_text, n_visual = 7, 24
+    ratios = [1.0, 0.5] + [0.25] * (shape.num_layers - 2)
+    counts = kept_counts(ratios, n_visual)
+
+    def keep_first(k):
+        def hook(_m, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            hs = hs[:, :k]
+            args = (hs, *args[1:]) if args else args
+            if not args:
+                kwargs["hidden_states"] = hs
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = kwargs["attention_mask"][..., :k, :k]
+            kwargs["position_embeddings"] = tuple(t[..., :k, :] for t in kwargs["position_embeddings"])
+            return args, kwargs
+        return hook
+
+    for rat, cnt in (([1.0] * shape.num_layers, [n_visual] * shape.num_layers), (ratios, counts)):
+        hooks = [layer.register_forward_pre_hook(keep_first(n_text + c), with_kwargs=True)
+                 for layer, c in zip(model.layers, cnt, strict=True)]
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out = model(input_ids=torch.randint(3, 64, (1, n_text + n_visual)), use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        measured = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        root = type(model).__name__
+        analytic = prefill_flops(shape, n_text, n_visual, rat)
+        for i, a in enumerate(analytic):
+            m = measured.get(f"{root}.layers.{i}", 0)
+            assert m > 0 and abs(a - m) / m <= 0.03, (i, a, m)
+        real = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys,
+                                                                                                  layer.values))
+        assert kv_cache_bytes(shape, n_text, n_visual, rat, dtype_bytes=4) == real
