@@ -167,3 +167,58 @@ def test_family_flops_and_kv_match_real_model(name):
         real = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys,
                                                                                                   layer.values))
         assert kv_cache_bytes(shape, n_text, n_visual, rat, dtype_bytes=4) == real
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+SIZES = [(112, 112), (112, 60), (60, 112)]  # (width, height): square, wide, tall
+
+
+@pytest.mark.parametrize("size", SIZES)
+@torch.no_grad()
+def test_visual_coords_every_layout(family_adapter, size):
+    """visual_coords for square / wide / tall images and two images in one prompt: one row per visual token, inside
+    the image, identical from the processor batch and from precompute_vision's (the objective's path)."""
+    ad = family_adapter
+    ims = tiny_images(3, size=size)
+    for images, prompts in (([[ims[0]], [ims[1]]], PROMPTS), ([[ims[0], ims[2]]], ["compare <image> and <image>"])):
+        batch = ad.prepare(images, prompts)
+        vis = ad.visual_mask(batch["input_ids"])
+        coords = ad.visual_coords(batch)
+        assert coords.shape == (len(prompts), int(vis.sum(1)[0]), 3)
+        assert ((coords[..., 1:] >= 0) & (coords[..., 1:] < 1)).all()
+        assert sorted(coords[0, :, 0].unique().tolist()) == list(range(len(images[0])))
+        torch.testing.assert_close(ad.visual_coords(ad.precompute_vision(batch)), coords)
+        ad.model(**batch)  # the model accepts what the processor made
+
+
+@torch.no_grad()
+def test_images_reach_the_model(family_adapter):
+    """Two different images give different last-token logits (no zero-initialised projector hides them)."""
+    ad = family_adapter
+    a, b = tiny_images(2, seed=3)
+    la = ad.model(**ad.prepare([[a]], ["what is it?"])).logits[0, -1]
+    lb = ad.model(**ad.prepare([[b]], ["what is it?"])).logits[0, -1]
+    assert not torch.allclose(la, lb, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(112, 112), (112, 60), (60, 112), (200, 60), (60, 200), (150, 100)])
+@torch.no_grad()
+def test_internvl_tile_grid_is_the_processors(tiny_dir, size):
+    """The grid found from the tiles and the thumbnail is the one GotOcr2's processor chose from the image size."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("internvl"))
+    ip = ad.processor.image_processor
+    w, h = size
+    cols, rows = get_optimal_tiled_canvas((h, w), (ip.size["height"], ip.size["width"]), ip.min_patches,
+                                          ip.max_patches)
+    batch = ad.prepare([tiny_images(1, size=size, seed=7)], ["where?"])
+    assert ad.image_layout(batch) == [(rows, cols)]
+    coords = ad.visual_coords(batch)[0]
+    side = ad.tile_side
+    n_tiles = rows * cols
+    assert coords.shape[0] == side * side * (n_tiles + (1 if n_tiles > 1 else 0))
+    tiles = coords[: side * side * n_tiles]
+    assert len(tiles[:, 1].unique()) == rows * side and len(tiles[:, 2].unique()) == cols * side

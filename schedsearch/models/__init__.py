@@ -36,6 +36,8 @@ ALIASES: dict[str, str] = {
     "qwen3-vl": "Qwen/Qwen3-VL-4B-Instruct",
     "qwen3-vl-moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
     "gemma3": "google/gemma-3-4b-it",
+    "internvl3": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3.5": "OpenGVLab/InternVL3_5-2B-HF",
     "toy": str(TOY_DIR),
 }
 
@@ -48,6 +50,7 @@ REGISTRY: dict[str, str] = {
     "qwen3_vl": "schedsearch.models.qwen3_vl:Qwen3VLAdapter",
     "qwen3_vl_moe": "schedsearch.models.qwen3_vl:Qwen3VLMoeAdapter",
     "gemma3": "schedsearch.models.gemma3:Gemma3Adapter",
+    "internvl": "schedsearch.models.internvl:InternVLAdapter",
 }
 
 

@@ -196,9 +196,19 @@ class VLMAdapter:
         names = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
         with torch.no_grad():
             enc = fn(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+        layout = self.image_layout(batch)
+        if layout is not None:  # only the pixels tell it (e.g. InternVL's tile grids): keep it with the features
+            from schedsearch.models.tiles import LAYOUT_ATTR
+
+            setattr(enc, LAYOUT_ATTR, layout)
         out = {k: v for k, v in batch.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
         return out
+
+    def image_layout(self, batch: Any) -> Any:
+        """Layout facts that only the pixels carry (default: none). Families whose ``visual_coords`` needs them
+        return them here; ``precompute_vision`` keeps them with the encoder output (``tiles.attached_layout``)."""
+        return None
 
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""

@@ -24,7 +24,7 @@ from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
 from schedsearch.models.qwen_vl import _assign_images
-from schedsearch.models.tiles import grid_rc
+from schedsearch.models.tiles import grid_rc, visual_runs
 
 __all__ = ["GEMMA3_SPECS", "Gemma3Adapter"]
 
@@ -68,22 +68,9 @@ class Gemma3Adapter(VLMAdapter):
         per = int(self.model.config.mm_tokens_per_image)
         side = math.isqrt(per)
         rc = grid_rc(side, side)
-        blocks = _image_blocks(vis)
+        blocks = [n for runs in visual_runs(vis) for n in runs]
         if any(n != per for n in blocks):
             raise ValueError(f"visual_coords: image-token blocks of {sorted(set(blocks))} tokens, expected "
                              f"mm_tokens_per_image={per}")
         return _assign_images([rc] * len(blocks), vis)
 
-
-def _image_blocks(vis: Any) -> list[int]:
-    """Lengths of the runs of consecutive visual tokens, sample by sample (one run per image)."""
-    out: list[int] = []
-    for row in vis.tolist():
-        run = 0
-        for v in row + [False]:
-            if v:
-                run += 1
-            elif run:
-                out.append(run)
-                run = 0
-    return out

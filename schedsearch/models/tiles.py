@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["grid_rc", "tiled_rc"]
+__all__ = ["LAYOUT_ATTR", "attached_layout", "best_tile_grid", "grid_rc", "tiled_rc", "visual_runs"]
 
 
 def grid_rc(h: int, w: int) -> Any:
@@ -31,3 +31,48 @@ def tiled_rc(rows: int, cols: int, side: int, tile_order: list[tuple[int, int]] 
     order = tile_order if tile_order is not None else [(i, j) for i in range(rows) for j in range(cols)]
     parts = [torch.stack([(i + local[:, 0]) / rows, (j + local[:, 1]) / cols], dim=1) for i, j in order]
     return torch.cat(parts) if parts else torch.zeros(0, 2)
+
+
+def visual_runs(vis: Any) -> list[list[int]]:
+    """Per sample, the lengths of its runs of consecutive visual tokens (one run per image block)."""
+    out: list[list[int]] = []
+    for row in vis.tolist():
+        runs, run = [], 0
+        for v in row + [False]:
+            if v:
+                run += 1
+            elif run:
+                runs.append(run)
+                run = 0
+        out.append(runs)
+    return out
+
+
+def best_tile_grid(tiles: Any, thumbnail: Any, candidates: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (rows, cols) arrangement of ``tiles`` (k, C, S, S), read in raster order, whose stitched picture,
+    shrunk to S x S by area averaging, is closest (mean squared error) to ``thumbnail`` (C, S, S) -- the whole
+    image resized to one tile. Used where a processor cuts an image into a grid of tiles plus a thumbnail and the
+    grid is not in the batch (InternVL's GotOcr2 crops). Ties (e.g. a flat image) go to the first candidate."""
+    import torch
+
+    best, best_err = candidates[0], float("inf")
+    k, c, s, _ = tiles.shape
+    for rows, cols in candidates:
+        canvas = tiles.float().reshape(rows, cols, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, rows * s, cols * s)
+        small = torch.nn.functional.adaptive_avg_pool2d(canvas[None], (s, s))[0]
+        err = float(((small - thumbnail.float()) ** 2).mean())
+        if err < best_err - 1e-12:
+            best, best_err = (rows, cols), err
+    return best
+
+
+#: attribute under which an adapter's ``precompute_vision`` keeps a batch's image layout on the encoder output it
+#: passes as ``mm_encoder_outputs`` (the pixels are dropped then, and some layouts are only in the pixels)
+LAYOUT_ATTR = "schedsearch_layout"
+
+
+def attached_layout(batch: Any) -> Any:
+    """The layout ``precompute_vision`` attached to ``batch``'s image encoder output, or None."""
+    enc = batch.get("mm_encoder_outputs") if hasattr(batch, "get") else None
+    image = enc.get("image") if isinstance(enc, dict) else None
+    return getattr(image, LAYOUT_ATTR, None)

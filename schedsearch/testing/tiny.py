@@ -27,7 +27,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
-NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3")
+NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -94,6 +94,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_qwen(family, out)
     elif family == "gemma3":
         _make_gemma3(out)
+    elif family == "internvl":
+        _make_internvl(out)
     else:
         _make_llava(family, out)
     return out
@@ -122,15 +124,15 @@ def _make_qwen(family: str, out: Path) -> None:
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
     elif family in ("qwen3_vl", "qwen3_vl_moe"):
-        # Qwen3-VL: 16 px patches, learned position grid, DeepStack features from vision blocks 0 and 1 added
+        # Qwen3-VL: learned position grid (interpolated), DeepStack features from vision blocks 0 and 1 added
         # after decoder layers 0 and 1; interleaved 3-D mRoPE; per-head q/k norms. MoE: 4 experts, top 2, the
         # last layer dense (mlp_only_layers), so both MLP kinds are exercised.
-        patch = 16
+        patch = 8  # real: 16; 8 gives 112 px images 49 tokens, so budgets like 0.5 are feasible in tests
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
         text["rope_parameters"]["mrope_section"] = [2, 3, 3]
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
         if family == "qwen3_vl":
             from transformers import Qwen3VLConfig as Cfg
@@ -215,8 +217,9 @@ GEMMA3_TEMPLATE = (
 
 
 def _make_gemma3(out: Path) -> None:
-    """Gemma 3: SigLIP 64 px / patch 8 pooled to 4x4 = 16 tokens per image; layers 0-2 slide over a window of 12
-    (shorter than every test prompt), layer 3 is global; query_pre_attn_scalar 24 != head_dim 16."""
+    """Gemma 3: SigLIP 96 px / patch 6 (16x16) average-pooled to 8x8 = 64 tokens per image; layers 0-2 slide over
+    a window of 12 (shorter than every test prompt), layer 3 is global; query_pre_attn_scalar 24 != head_dim 16."""
+    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
     from schedsearch.textvocab import build_word_tokenizer
@@ -234,14 +237,52 @@ def _make_gemma3(out: Path) -> None:
                 rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope, rope_theta=20000.0)})
     text.pop("rms_norm_eps")
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=64, patch_size=8)
-    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                  num_attention_heads=2, image_size=96, patch_size=6)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=64,
                        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
                        image_token_index=ids["<image_soft_token>"])
-    Gemma3ForConditionalGeneration(cfg).eval().save_pretrained(out)
-    improc = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # transformers initialises the projection to zeros: every image would look the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    model.save_pretrained(out)
+    improc = Gemma3ImageProcessorPil(size={"height": 96, "width": 96})
     Gemma3Processor(image_processor=improc, tokenizer=tok, chat_template=GEMMA3_TEMPLATE,
-                    image_seq_length=16).save_pretrained(out)
+                    image_seq_length=64).save_pretrained(out)
+
+
+INTERNVL_SPECIALS = QWEN_SPECIALS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# InternVL3-hf: Qwen's chat format, one <IMG_CONTEXT> per image (the processor expands it)
+INTERNVL_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+
+
+def _make_internvl(out: Path) -> None:
+    """InternVL3: InternViT 64 px tiles / patch 8, pixel shuffle 0.5 -> 4x4 = 16 tokens per tile; the processor cuts
+    images into up to 6 tiles plus a thumbnail (a 112 px image: 2x2 tiles + thumbnail = 80 tokens); Qwen2 text."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=INTERNVL_SPECIALS, chat_template=INTERNVL_TEMPLATE,
+                               pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                               extra_attributes={"extra_special_tokens": {
+                                   "start_image_token": "<img>", "end_image_token": "</img>",
+                                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIALS}
+    text = dict(_TEXT, model_type="qwen2", vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[64, 64], patch_size=[8, 8])
+    cfg = InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
+                         image_seq_length=16, downsample_ratio=0.5)
+    InternVLForConditionalGeneration(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1,
+                             max_patches=6).save_pretrained(out)
+    # like the released -hf checkpoints: the processor settings and the chat template next to the tokenizer
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": 16,
+                                                           "processor_class": "InternVLProcessor"}, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
