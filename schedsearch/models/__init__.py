@@ -38,6 +38,7 @@ ALIASES: dict[str, str] = {
     "gemma3": "google/gemma-3-4b-it",
     "internvl3": "OpenGVLab/InternVL3-2B-hf",
     "internvl3.5": "OpenGVLab/InternVL3_5-2B-HF",
+    "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "toy": str(TOY_DIR),
 }
 
@@ -51,6 +52,7 @@ REGISTRY: dict[str, str] = {
     "qwen3_vl_moe": "schedsearch.models.qwen3_vl:Qwen3VLMoeAdapter",
     "gemma3": "schedsearch.models.gemma3:Gemma3Adapter",
     "internvl": "schedsearch.models.internvl:InternVLAdapter",
+    "llava_onevision": "schedsearch.models.llava_onevision:LlavaOnevisionAdapter",
 }
 
 

@@ -42,6 +42,9 @@ class FamilySpec:
     #: batch keys the model needs next to input_ids that follow the sequence (e.g. Gemma 3's token_type_ids:
     #: 1 = image token, bidirectional attention among them); prepare() keeps them, tests extend them.
     token_type_keys: tuple[str, ...] = ()
+    #: False where visual_coords needs batch keys that generate() hands only to the image encoder (LLaVA-NeXT's
+    #: and OneVision's image_sizes): schedules that need token positions then work with model(**batch) only
+    positions_in_generate: bool = True
 
 
 #: Where a prompt wants its images: ``"what is in <image> ?"``. Without markers, images go before the text.

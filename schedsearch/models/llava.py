@@ -29,7 +29,7 @@ LLAVA_SPECS: dict[str, FamilySpec] = {
     "llava_next": FamilySpec(family="llava_next", model_types=("llava_next",),
                              model_class="LlavaNextForConditionalGeneration",
                              text_model_path="model.language_model", image_token_attr="image_token_id",
-                             vision_path="model.vision_tower"),
+                             vision_path="model.vision_tower", positions_in_generate=False),
 }
 NEWLINE_COL = 1.0 - 1e-6
 

@@ -27,7 +27,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
-NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl")
+NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -96,6 +96,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_gemma3(out)
     elif family == "internvl":
         _make_internvl(out)
+    elif family == "llava_onevision":
+        _make_llava_onevision(out)
     else:
         _make_llava(family, out)
     return out
@@ -283,6 +285,48 @@ def _make_internvl(out: Path) -> None:
     (out / "processor_config.json").write_text(json.dumps({"image_seq_length": 16,
                                                            "processor_class": "InternVLProcessor"}, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+
+
+ONEVISION_SPECIALS = QWEN_SPECIALS + ["<image>", "<video>"]
+# llava-onevision-qwen2 -hf: Qwen's chat format, one <image> per image (the processor expands it)
+ONEVISION_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def _make_llava_onevision(out: Path) -> None:
+    """LLaVA-OneVision: SigLIP 64 px / patch 8 (8x8 = 64 base tokens, no CLS), anyres tiles on pinpoints up to
+    128 px, vision_aspect_ratio anyres_max_2 so a 112 px image's 16x16 high-res grid is shrunk (the bilinear path
+    of pack_image_features): 64 + 11x(11+1) = 196 tokens; Qwen2 text."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=ONEVISION_SPECIALS, chat_template=ONEVISION_TEMPLATE,
+                               pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                               extra_attributes={"extra_special_tokens": {"image_token": "<image>",
+                                                                          "video_token": "<video>"}})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ONEVISION_SPECIALS}
+    text = dict(_TEXT, model_type="qwen2", vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=8, vision_use_head=False)
+    pinpoints = [[64, 64], [64, 128], [128, 64], [128, 128]]  # (height, width)
+    cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                               video_token_index=ids["<video>"], image_grid_pinpoints=pinpoints,
+                               vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full",
+                               vision_feature_layer=-1)
+    LlavaOnevisionForConditionalGeneration(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    LlavaOnevisionImageProcessorPil(size={"height": 64, "width": 64}, image_grid_pinpoints=pinpoints,
+                                    do_pad=True).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({
+        "num_image_tokens": 64, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_2",
+        "processor_class": "LlavaOnevisionProcessor"}, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(ONEVISION_TEMPLATE)
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
