@@ -222,3 +222,46 @@ def test_internvl_tile_grid_is_the_processors(tiny_dir, size):
     assert coords.shape[0] == side * side * (n_tiles + (1 if n_tiles > 1 else 0))
     tiles = coords[: side * side * n_tiles]
     assert len(tiles[:, 1].unique()) == rows * side and len(tiles[:, 2].unique()) == cols * side
+
+
+@torch.no_grad()
+def test_idefics3_stand_in_processor_equals_stock(tiny_dir):
+    """The image-only stand-in (what SmolVLM uses without torchvision) gives exactly the stock Idefics3Processor's
+    batch: ids with <row_i_col_j> / <global-img> tags, mask, pixels."""
+    from transformers import AutoTokenizer, Idefics3ImageProcessorPil
+
+    from schedsearch.models import load_model
+    from schedsearch.models.idefics3 import Idefics3ImageProcessor
+
+    d = tiny_dir("idefics3")
+    ad = load_model(d)
+    assert type(ad.processor).__name__ == "Idefics3Processor"  # stock (no torchvision needed for Idefics3)
+    stand_in = Idefics3ImageProcessor(AutoTokenizer.from_pretrained(d), Idefics3ImageProcessorPil.from_pretrained(d),
+                                      ad.processor.chat_template, image_seq_len=16)
+    images = [[tiny_images(1, size=(112, 60))[0]], [tiny_images(1, size=(200, 60), seed=1)[0]]]
+    want = ad.prepare(images, PROMPTS)
+    ad.processor, stock = stand_in, ad.processor
+    try:
+        got = ad.prepare(images, PROMPTS)
+    finally:
+        ad.processor = stock
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@torch.no_grad()
+def test_idefics3_coords_follow_the_row_col_tags(tiny_dir):
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("smolvlm"))
+    batch = ad.prepare([tiny_images(1, size=(200, 60))], ["where?"])  # one row of 2 tiles, then the global image
+    ids = batch["input_ids"][0].tolist()
+    tok = ad.processor.tokenizer
+    tags = [tok.convert_ids_to_tokens(ids[i - 1]) for i in range(1, len(ids))
+            if ids[i] == ad.image_token_id and ids[i - 1] != ad.image_token_id]
+    assert tags == ["<row_1_col_1>", "<row_1_col_2>", "<global-img>"]
+    c = ad.visual_coords(batch)[0]
+    left, right, glob = c[:16], c[16:32], c[32:]
+    assert (left[:, 2] < 0.5).all() and (right[:, 2] >= 0.5).all()  # tile 1 is the left half, tile 2 the right
+    assert len(glob[:, 1].unique()) == 4 and len(glob[:, 2].unique()) == 4  # the global image: its own 4x4 grid

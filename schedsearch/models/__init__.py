@@ -39,6 +39,8 @@ ALIASES: dict[str, str] = {
     "internvl3": "OpenGVLab/InternVL3-2B-hf",
     "internvl3.5": "OpenGVLab/InternVL3_5-2B-HF",
     "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+    "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
     "toy": str(TOY_DIR),
 }
 
@@ -53,6 +55,8 @@ REGISTRY: dict[str, str] = {
     "gemma3": "schedsearch.models.gemma3:Gemma3Adapter",
     "internvl": "schedsearch.models.internvl:InternVLAdapter",
     "llava_onevision": "schedsearch.models.llava_onevision:LlavaOnevisionAdapter",
+    "idefics3": "schedsearch.models.idefics3:Idefics3Adapter",
+    "smolvlm": "schedsearch.models.idefics3:SmolVLMAdapter",
 }
 
 

@@ -27,7 +27,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
-NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision")
+NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -98,6 +98,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_internvl(out)
     elif family == "llava_onevision":
         _make_llava_onevision(out)
+    elif family in ("idefics3", "smolvlm"):
+        _make_idefics3(family, out)
     else:
         _make_llava(family, out)
     return out
@@ -327,6 +329,52 @@ def _make_llava_onevision(out: Path) -> None:
         "num_image_tokens": 64, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_2",
         "processor_class": "LlavaOnevisionProcessor"}, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(ONEVISION_TEMPLATE)
+
+
+IDEFICS3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<pad>", "<fake_token_around_image>", "<image>",
+                      "<global-img>", "<end_of_utterance>", "<|im_start|>"]
+                     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+# Idefics3 / SmolVLM: "User:<image>text<end_of_utterance>\nAssistant:" (SmolVLM's starts with <|im_start|>)
+IDEFICS3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _make_idefics3(family: str, out: Path) -> None:
+    """Idefics3 / SmolVLM: SigLIP-style tower on 64 px tiles / patch 8, pixel shuffle 2 -> 4x4 = 16 tokens per tile;
+    images resized to 128 px longest edge and cut into 64 px tiles (a 112 px image: 2x2 tiles + the global image =
+    80 tokens); Llama text at model.text_model."""
+    import transformers
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    name = "Idefics3" if family == "idefics3" else "SmolVLM"
+    bos = "<|begin_of_text|>" if family == "idefics3" else "<|im_start|>"
+    tok = build_word_tokenizer(WORDS, special_tokens=IDEFICS3_SPECIALS, chat_template=IDEFICS3_TEMPLATE,
+                               pad_token="<pad>", eos_token="<end_of_utterance>", bos_token=bos,
+                               extra_attributes={"extra_special_tokens": {
+                                   "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                                   "global_image_token": "<global-img>",
+                                   "end_of_utterance_token": "<end_of_utterance>"}})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in IDEFICS3_SPECIALS}
+    text = dict(_TEXT, model_type="llama", vocab_size=len(tok), bos_token_id=ids[bos],
+                eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<pad>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=8)
+    cfg = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, scale_factor=2,
+                                                 image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
+    getattr(transformers, f"{name}ForConditionalGeneration")(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    getattr(transformers, f"{name}ImageProcessorPil")(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}, do_image_splitting=True).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": f"{name}Processor"},
+                                                          indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(IDEFICS3_TEMPLATE)
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
