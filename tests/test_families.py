@@ -265,3 +265,43 @@ def test_idefics3_coords_follow_the_row_col_tags(tiny_dir):
     left, right, glob = c[:16], c[16:32], c[32:]
     assert (left[:, 2] < 0.5).all() and (right[:, 2] >= 0.5).all()  # tile 1 is the left half, tile 2 the right
     assert len(glob[:, 1].unique()) == 4 and len(glob[:, 2].unique()) == 4  # the global image: its own 4x4 grid
+
+
+@pytest.mark.parametrize("family", ["mistral3", "llava_pixtral"])
+@torch.no_grad()
+def test_pixtral_token_rows(tiny_dir, family):
+    """PixtralProcessor's rule, without torchvision: per row of the resized image [IMG] x cols + [IMG_BREAK], the
+    last break replaced by [IMG_END]; rows/cols = image_sizes // (patch x merge); coords follow that grid."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir(family))
+    unit = ad.processor.unit
+    batch = ad.prepare([tiny_images(1, size=(112, 60))], ["where?"])
+    h, w = batch["image_sizes"][0].tolist()
+    rows, cols = h // unit, w // unit
+    tok = ad.processor.tokenizer
+    ids = batch["input_ids"][0].tolist()
+    start = ids.index(ad.image_token_id)
+    want = ([ad.image_token_id] * cols + [tok.convert_tokens_to_ids("[IMG_BREAK]")]) * rows
+    want[-1] = tok.convert_tokens_to_ids("[IMG_END]")
+    assert ids[start:start + len(want)] == want
+    c = ad.visual_coords(batch)[0]
+    assert len(c[:, 1].unique()) == rows and len(c[:, 2].unique()) == cols
+
+
+def test_llava_processor_error_is_one_line_with_its_reason(tiny_dir, monkeypatch):
+    """transformers' ImportError texts start with a newline: the one-line error must still carry the reason."""
+    import transformers
+
+    from schedsearch.errors import ModelLoadError
+    from schedsearch.models import load_model
+
+    def broken(*a, **k):
+        raise ImportError("\nPixtralProcessor requires the Torchvision library but it was not found in your "
+                          "environment.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(tiny_dir("llava"))
+    msg = str(err.value)
+    assert "\n" not in msg and "requires the Torchvision library" in msg

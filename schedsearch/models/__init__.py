@@ -41,6 +41,8 @@ ALIASES: dict[str, str] = {
     "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
     "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+    "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "pixtral": "mistral-community/pixtral-12b",
     "toy": str(TOY_DIR),
 }
 
@@ -57,6 +59,7 @@ REGISTRY: dict[str, str] = {
     "llava_onevision": "schedsearch.models.llava_onevision:LlavaOnevisionAdapter",
     "idefics3": "schedsearch.models.idefics3:Idefics3Adapter",
     "smolvlm": "schedsearch.models.idefics3:SmolVLMAdapter",
+    "mistral3": "schedsearch.models.mistral3:Mistral3Adapter",
 }
 
 

@@ -6,7 +6,9 @@ Lifecycle::
     batch = adapter.prepare([[img]], ["q"])  # chat template, left padding
     adapter.visual_coords(batch)             # (B, V, 3) in the order transformers packs the features
 
-LLaVA-1.5: one CLIP grid per image, ``image_size / patch_size`` squared tokens in raster order.
+LLaVA-1.5: one CLIP grid per image, ``image_size / patch_size`` squared tokens in raster order. A ``llava``
+checkpoint with a Pixtral tower (Pixtral-12B) gets the Pixtral processor stand-in and variable-size grids from
+:mod:`schedsearch.models.mistral3`.
 LLaVA-NeXT: per image the base grid (raster order) followed by the high-resolution tiles stitched
 into one grid, unpadded to the image's aspect ratio (transformers' ``unpad_image``) and read row
 by row with one newline token after each row (row of its line, col = 1 - eps).
@@ -44,10 +46,15 @@ class _LlavaBase(VLMAdapter):
 
         model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
                               device=device)
+        if _is_pixtral(model):  # Pixtral-12B style: PixtralProcessor needs torchvision; an image-only stand-in
+            from schedsearch.models.mistral3 import load_pixtral_processor
+
+            return cls(model, load_pixtral_processor(path, int(model.config.vision_config.patch_size), 1), path)
         try:
             proc = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:
-            raise ModelLoadError(f"cannot load the processor from {path!r}: {str(e).splitlines()[0]}") from e
+        except (OSError, ValueError, ImportError) as e:  # transformers' ImportError text starts with a newline
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise ModelLoadError(f"cannot load the processor from {path!r}: {msg}") from e
         if getattr(proc, "image_processor", None) is None:
             raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
                                  f"checkpoint with its processor files")
@@ -90,6 +97,10 @@ class LlavaAdapter(_LlavaBase):
     spec = LLAVA_SPECS["llava"]
 
     def visual_coords(self, batch: Any) -> Any:
+        if _is_pixtral(self.model):  # variable image sizes: one (H / patch) x (W / patch) grid per image
+            from schedsearch.models.mistral3 import pixtral_coords
+
+            return pixtral_coords(self, batch, int(self.model.config.vision_config.patch_size))
         side = self._grid_side()
         vis = self.visual_mask(batch["input_ids"])
         n_images = _num_images(batch, default=int(vis.sum()) // (side * side))
@@ -130,6 +141,10 @@ class LlavaNextAdapter(_LlavaBase):
                              f"{int(vis.sum())} image tokens; the processor and model configs disagree "
                              f"(image_grid_pinpoints / vision_feature_select_strategy)")
         return _assign_images(per_image, vis)
+
+
+def _is_pixtral(model: Any) -> bool:
+    return getattr(model.config.vision_config, "model_type", None) == "pixtral"
 
 
 def _num_images(batch: Any, default: int) -> int:

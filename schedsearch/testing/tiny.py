@@ -27,7 +27,8 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
-NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm")
+NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm",
+                "mistral3", "llava_pixtral")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -100,6 +101,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_llava_onevision(out)
     elif family in ("idefics3", "smolvlm"):
         _make_idefics3(family, out)
+    elif family in ("mistral3", "llava_pixtral"):
+        _make_pixtral(family, out)
     else:
         _make_llava(family, out)
     return out
@@ -375,6 +378,53 @@ def _make_idefics3(family: str, out: Path) -> None:
     (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": f"{name}Processor"},
                                                           indent=2) + "\n")
     (out / "chat_template.jinja").write_text(IDEFICS3_TEMPLATE)
+
+
+PIXTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral-Small-3.1 / Pixtral: "<s>[INST][IMG]text[/INST]" (the processor expands [IMG] into rows of tokens)
+PIXTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}[IMG]"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}[/INST]"
+    "{% else %}{{ message['content'] }}</s>{% endif %}{% endfor %}"
+)
+
+
+def _make_pixtral(family: str, out: Path) -> None:
+    """Mistral 3 (``mistral3``: Pixtral tower, 2x2 patch merger, Mistral text) or LLaVA with a Pixtral tower
+    (``llava_pixtral``: model_type llava, no merging): 8 px patches, images resized to fit 128 px in multiples of
+    patch x merge (a 112 px image: 7x7 = 49 tokens for Mistral 3, 14x14 = 196 for LLaVA-Pixtral) plus a break
+    token per row."""
+    import transformers
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=PIXTRAL_SPECIALS, chat_template=PIXTRAL_TEMPLATE,
+                               pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in PIXTRAL_SPECIALS}
+    text = dict(_TEXT, model_type="mistral", vocab_size=len(tok), bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                pad_token_id=ids["<pad>"], head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, image_size=128, patch_size=8,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    merge = 2 if family == "mistral3" else 1
+    if family == "mistral3":
+        cfg = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"],
+                                          spatial_merge_size=2, vision_feature_layer=-1)
+        model = transformers.Mistral3ForConditionalGeneration(cfg)
+    else:
+        cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"],
+                                       vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                       pad_token_id=ids["<pad>"])
+        model = transformers.LlavaForConditionalGeneration(cfg)
+    model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    transformers.PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size=8 * merge).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({
+        "patch_size": 8, "spatial_merge_size": merge, "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+        "image_end_token": "[IMG_END]", "processor_class": "PixtralProcessor"}, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(PIXTRAL_TEMPLATE)
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
