@@ -305,3 +305,35 @@ def test_llava_processor_error_is_one_line_with_its_reason(tiny_dir, monkeypatch
         load_model(tiny_dir("llava"))
     msg = str(err.value)
     assert "\n" not in msg and "requires the Torchvision library" in msg
+
+
+@pytest.mark.parametrize("model_type,why", [("qwen3_5", "linear-attention"), ("qwen3_5_moe", "recurrent state"),
+                                            ("llama4", "inputs_embeds only")])
+def test_refused_families_say_why_in_one_line(tmp_path, model_type, why):
+    import json
+
+    from schedsearch.errors import ModelLoadError
+    from schedsearch.models import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and model_type in msg and "not supported" in msg and why in msg
+
+
+def test_refused_family_on_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4"}))
+    img = tmp_path / "a.png"
+    tiny_images(1)[0].save(img)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "what is it?"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "schedsearch", "optimize", "--model", str(tmp_path), "--budget",
+                           "0.5", "--calibration", str(tmp_path / "m.jsonl")], capture_output=True, text=True,
+                          timeout=180, check=False, cwd=tmp_path)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "'llama4' is not supported: Llama 4" in errors[0], proc.stderr

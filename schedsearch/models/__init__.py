@@ -22,7 +22,7 @@ from typing import Any
 from schedsearch.errors import ModelLoadError
 from schedsearch.models.base import FamilySpec, VLMAdapter, config_fingerprint
 
-__all__ = ["ALIASES", "REGISTRY", "FamilySpec", "ModelLoadError", "VLMAdapter", "adapter_class",
+__all__ = ["ALIASES", "REFUSED", "REGISTRY", "FamilySpec", "ModelLoadError", "VLMAdapter", "adapter_class",
            "config_fingerprint", "load_model", "resolve_model_dir", "supported_model_types"]
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "model"
@@ -63,6 +63,18 @@ REGISTRY: dict[str, str] = {
 }
 
 
+#: config.json ``model_type`` -> why schedsearch refuses it (one line, shown as the load error). Data only.
+REFUSED: dict[str, str] = {
+    "qwen3_5": "Qwen3.5 mixes Gated DeltaNet linear-attention layers with attention layers; those keep a recurrent "
+               "state instead of a KV cache and have no q/k projections, so the runtime's per-layer KV cache, its "
+               "attention scorers and the FLOPs model do not hold for them",
+    "llama4": "Llama 4's text decoder is called with inputs_embeds only (the runtime finds the visual tokens from "
+              "input_ids at the decoder's parent) and its chunked-attention and no-RoPE layers are not modelled "
+              "by the runtime or the FLOPs model",
+}
+REFUSED["qwen3_5_moe"] = REFUSED["qwen3_5"]
+
+
 def supported_model_types() -> list[str]:
     return sorted(REGISTRY)
 
@@ -70,6 +82,8 @@ def supported_model_types() -> list[str]:
 def adapter_class(model_type: str) -> type[VLMAdapter]:
     """Import and return the adapter class registered for ``model_type``."""
     target = REGISTRY.get(model_type)
+    if model_type in REFUSED:
+        raise ModelLoadError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     if target is None:
         raise ModelLoadError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(supported_model_types())}"
