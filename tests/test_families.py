@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from schedsearch.runtime import apply_schedule
-from schedsearch.testing.tiny import tiny_images
+from schedsearch.testing.tiny import NEW_FAMILIES, tiny_images
 
 PROMPTS = ["what is it?", "count the shapes in the top half of the image please"]
 
@@ -337,3 +337,45 @@ def test_refused_family_on_the_command_line(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and "'llama4' is not supported: Llama 4" in errors[0], proc.stderr
+
+
+@torch.no_grad()
+def test_position_schedule_on_precomputed_vision(family_adapter):
+    """The objective's path: a schedule that needs token positions (diverse scorer + recycling) gives the same
+    last-token state on a precompute_vision batch (no pixels) as on the processor's batch."""
+    ad = family_adapter
+    n = ad.num_layers
+    sched = {"keep_ratios": [1.0] + [0.5] * (n - 1), "scorer": {"name": "diverse", "params": {"spatial": 4.0}},
+             "recycling": {"grid": 2, "weighting": "importance"}}
+    batch = _batch(ad, PROMPTS)
+    with apply_schedule(ad.model, sched, adapter=ad):
+        want = ad.last_hidden_state(batch)
+        got = ad.last_hidden_state(ad.precompute_vision(batch))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_optimize_and_evaluate_commands(family, tiny_dir, tmp_path, monkeypatch, capsys):
+    """`schedsearch optimize --model DIR --trials 3 --budget 0.5` then `evaluate` on the schedule it wrote."""
+    import json
+
+    from schedsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    for i, im in enumerate(tiny_images(6, seed=4)):
+        im.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is in the top left of picture {i}?"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    d = str(tiny_dir(family))
+    rc = main(["optimize", "--model", d, "--trials", "3", "--budget", "0.5", "--calibration", "manifest.jsonl",
+               "--study", "s"])
+    assert rc == 0, capsys.readouterr().err
+    written = sorted((tmp_path / "schedules").glob("*.json"))
+    assert len(written) == 1
+    capsys.readouterr()
+    rc = main(["evaluate", str(written[0]), "--model", d, "--calibration", "manifest.jsonl", "--json", "--no-timing"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["n_samples"] == 6 and 0 < rep["flops_ratio"] <= 0.5 + 1e-9 and rep["discrepancy"] >= 0.0
