@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from schedsearch.runtime import apply_schedule
-from schedsearch.testing.tiny import NEW_FAMILIES, tiny_images
+from schedsearch.testing.tiny import NEW_FAMILIES, attention_implementation, tiny_images
 
 PROMPTS = ["what is it?", "count the shapes in the top half of the image please"]
 
@@ -56,8 +56,7 @@ def test_pruning_equals_masking(family_adapter, where):
     ad = family_adapter
     n_layers = ad.num_layers
     ratios = [0.5] * (n_layers - 1) + [0.25] if where == "layer0" else [1.0] + [0.5] * (n_layers - 2) + [0.25]
-    ad.model.set_attn_implementation("eager")
-    try:
+    with attention_implementation(ad.model, "eager"):
         batch = _batch(ad, PROMPTS)
         with apply_schedule(ad.model, _sched(n_layers, ratios, "last_token_attention"), adapter=ad) as h:
             pruned = ad.model(**batch).logits[:, -1]
@@ -69,8 +68,6 @@ def test_pruning_equals_masking(family_adapter, where):
         finally:
             for hd in hooks:
                 hd.remove()
-    finally:
-        ad.model.set_attn_implementation("sdpa")
     torch.testing.assert_close(pruned, ref, atol=2e-5, rtol=1e-4)
 
 

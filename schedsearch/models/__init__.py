@@ -43,6 +43,7 @@ ALIASES: dict[str, str] = {
     "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
     "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
     "pixtral": "mistral-community/pixtral-12b",
+    "paligemma2": "google/paligemma2-3b-mix-224",
     "toy": str(TOY_DIR),
 }
 
@@ -60,6 +61,7 @@ REGISTRY: dict[str, str] = {
     "idefics3": "schedsearch.models.idefics3:Idefics3Adapter",
     "smolvlm": "schedsearch.models.idefics3:SmolVLMAdapter",
     "mistral3": "schedsearch.models.mistral3:Mistral3Adapter",
+    "paligemma": "schedsearch.models.paligemma:PaliGemmaAdapter",
 }
 
 

@@ -39,9 +39,10 @@ class FamilySpec:
     #: DeepStack (arXiv 2406.04334, Qwen3-VL): the text model's (visual-position mask, per-layer features) kwargs;
     #: the stock forward adds features[i] at the visual positions after decoder layer i. Empty: no DeepStack.
     deepstack_kwargs: tuple[str, ...] = ()
-    #: batch keys the model needs next to input_ids that follow the sequence (e.g. Gemma 3's token_type_ids:
-    #: 1 = image token, bidirectional attention among them); prepare() keeps them, tests extend them.
-    token_type_keys: tuple[str, ...] = ()
+    #: per-token batch keys the model needs next to input_ids, with the value a generated token gets (Qwen's
+    #: mm_token_type_ids and Gemma 3's token_type_ids: 1 = image token, generated 0; PaliGemma's token_type_ids:
+    #: 0 = the bidirectional prefix, generated 1). prepare() keeps them; a sequence extended by hand extends them.
+    token_types: tuple[tuple[str, int], ...] = ()
     #: False where visual_coords needs batch keys that generate() hands only to the image encoder (LLaVA-NeXT's
     #: and OneVision's image_sizes): schedules that need token positions then work with model(**batch) only
     positions_in_generate: bool = True
@@ -207,6 +208,12 @@ class VLMAdapter:
         out = {k: v for k, v in batch.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
         return out
+
+    def rotary(self, layer_idx: int) -> Any:
+        """How decoder layer ``layer_idx`` rotates q/k, as ``(x, cos, sin) -> x`` for the attention scorers, where it
+        is not rotate-half over the whole head (default None). Adapters return the family's own transformers
+        function, so scorers follow partial / interleaved rotary and layers without RoPE exactly."""
+        return None
 
     def image_layout(self, batch: Any) -> Any:
         """Layout facts that only the pixels carry (default: none). Families whose ``visual_coords`` needs them

@@ -31,7 +31,7 @@ __all__ = ["GEMMA3_SPECS", "Gemma3Adapter"]
 GEMMA3_SPECS: dict[str, FamilySpec] = {
     "gemma3": FamilySpec(family="gemma3", model_types=("gemma3",), model_class="Gemma3ForConditionalGeneration",
                          text_model_path="model.language_model", vision_path="model.vision_tower",
-                         token_type_keys=("token_type_ids",)),
+                         token_types=(("token_type_ids", 0),)),
 }
 
 

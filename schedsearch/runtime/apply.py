@@ -338,7 +338,8 @@ class ScheduleHandle:
         ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
                            visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
                            head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur))
+                           coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
+                           rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None)
         with torch.no_grad():
             scores = self.scorer(ctx).float()
         order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]

@@ -49,6 +49,9 @@ class ScoreContext:
     #: (B, 1, n, n) bool, True = query may attend key: the layer's own attention mask over the alive tokens
     #: (sliding windows, bidirectional image blocks, padding); None = plain causal over ``key_valid``
     attention_mask: torch.Tensor | None = None
+    #: ``(x, cos, sin) -> x`` rotated the way this layer rotates its q/k (partial or interleaved rotary, no RoPE on
+    #: some layers), from the adapter (``VLMAdapter.rotary``); None = rotate-half over the whole head (``_rope``)
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class Scorer(Protocol):
@@ -88,12 +91,16 @@ def _attention_rows(ctx: ScoreContext, query_local: torch.Tensor, rope: bool) ->
     if rope:
         qc = ctx.cos.gather(1, query_local[..., None].expand(-1, -1, ctx.cos.shape[-1]))
         qs = ctx.sin.gather(1, query_local[..., None].expand(-1, -1, ctx.sin.shape[-1]))
-        q = _rope(q, qc, qs)
-        k = _rope(k, ctx.cos, ctx.sin)
+        rotate = ctx.rotary or _rope
+        q = rotate(q, qc, qs)
+        k = rotate(k, ctx.cos, ctx.sin)
     groups = ctx.num_heads // ctx.num_kv_heads
     k = k.repeat_interleave(groups, dim=1)  # GQA: (B, H, n, hd)
     scale = getattr(attn, "scaling", None) or ctx.head_dim**-0.5  # Gemma 3: query_pre_attn_scalar**-0.5
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, n)
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:  # Gemma 2 (arXiv 2408.00118, Sec. 2.2): logits <- cap * tanh(logits / cap), as its eager attention does
+        logits = torch.tanh(logits / cap) * cap
     keys = torch.arange(n, device=h.device)
     if ctx.attention_mask is not None:  # the layer's own mask (sliding window, image blocks), rows of the queries
         rows = ctx.attention_mask[:, 0].gather(1, query_local[..., None].expand(-1, -1, n))

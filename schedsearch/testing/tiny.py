@@ -28,7 +28,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
 NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm",
-                "mistral3", "llava_pixtral")
+                "mistral3", "llava_pixtral", "paligemma")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -103,6 +103,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_idefics3(family, out)
     elif family in ("mistral3", "llava_pixtral"):
         _make_pixtral(family, out)
+    elif family == "paligemma":
+        _make_paligemma(out)
     else:
         _make_llava(family, out)
     return out
@@ -425,6 +427,66 @@ def _make_pixtral(family: str, out: Path) -> None:
         "patch_size": 8, "spatial_merge_size": merge, "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
         "image_end_token": "[IMG_END]", "processor_class": "PixtralProcessor"}, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(PIXTRAL_TEMPLATE)
+
+
+def _make_paligemma(out: Path) -> None:
+    """PaliGemma 2: SigLIP 64 px / patch 8 = 64 tokens per image, prefix-LM mask from token_type_ids; Gemma 2 text
+    with sliding layers (window 12, shorter than the prompts) alternating with global ones, logit soft-capping 50
+    and query_pre_attn_scalar 24 != head_dim 16. No chat template (the processor writes images + <bos> + prompt)."""
+    import transformers
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=["<pad>", "<eos>", "<bos>", "<image>"], pad_token="<pad>",
+                               eos_token="<eos>", bos_token="<bos>",
+                               extra_attributes={"extra_special_tokens": {"image_token": "<image>"}})
+    improc = transformers.SiglipImageProcessorPil(size={"height": 64, "width": 64})
+    improc.image_seq_length = 64
+    proc = transformers.PaliGemmaProcessor(image_processor=improc, tokenizer=tok)  # adds 1024 <loc> + 128 <seg>
+    tok = proc.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<image>")}
+    text = dict(_TEXT, model_type="gemma2", head_dim=16, vocab_size=len(tok), bos_token_id=ids["<bos>"],
+                eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"], query_pre_attn_scalar=24, sliding_window=12,
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                layer_types=["sliding_attention", "full_attention"] * 2)
+    text.pop("rms_norm_eps")
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=8, projection_dim=64)
+    cfg = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                                       projection_dim=64, hidden_size=64, pad_token_id=ids["<pad>"])
+    transformers.PaliGemmaForConditionalGeneration(cfg).eval().save_pretrained(out)
+    proc.save_pretrained(out)
+
+
+class AttentionUnavailable(Exception):
+    """The model has no such attention implementation (e.g. Gemma 2 has no SDPA path)."""
+
+
+def attention_implementation(model, impl: str):
+    """Context manager: run ``model`` with attention ``impl`` ("sdpa" / "eager"), then restore every sub-model's
+    previous choice (a checkpoint may mix them, e.g. PaliGemma 2: SDPA vision tower, eager Gemma 2 text).
+    Raises :class:`AttentionUnavailable` when the model has no such implementation."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def manage():
+        cfg = model.config
+        before = {"": cfg._attn_implementation}
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                before[key] = sub._attn_implementation
+        try:
+            model.set_attn_implementation(impl)
+        except ValueError as e:
+            raise AttentionUnavailable(f"{type(model).__name__} has no {impl} attention: "
+                                       f"{str(e).splitlines()[0][:100]}") from None
+        try:
+            yield model
+        finally:
+            model.set_attn_implementation(before)
+
+    return manage()
 
 
 def schedule_for(adapter, ratios, *, scorer: str = "last_token_attention", params: dict | None = None,
