@@ -110,7 +110,18 @@ def _gemma3_text():
     return Gemma3TextModel(cfg).eval()
 
 
-TEXT_BUILDERS = {"qwen3_vl_moe_text": _moe_text, "gemma3_text": _gemma3_text}
+def _glm4v_text():
+    from transformers import Glm4vTextConfig, Glm4vTextModel
+
+    # partial interleaved rotary, q/k/v biases, fused gate_up MLP, extra post-norms
+    cfg = Glm4vTextConfig(vocab_size=64, hidden_size=64, intermediate_size=80, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [1, 1, 2]})
+    return Glm4vTextModel(cfg).eval()
+
+
+TEXT_BUILDERS = {"qwen3_vl_moe_text": _moe_text, "gemma3_text": _gemma3_text, "glm4v_text": _glm4v_text}
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_BUILDERS))

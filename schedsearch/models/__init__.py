@@ -44,6 +44,7 @@ ALIASES: dict[str, str] = {
     "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
     "pixtral": "mistral-community/pixtral-12b",
     "paligemma2": "google/paligemma2-3b-mix-224",
+    "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
     "toy": str(TOY_DIR),
 }
 
@@ -62,6 +63,7 @@ REGISTRY: dict[str, str] = {
     "smolvlm": "schedsearch.models.idefics3:SmolVLMAdapter",
     "mistral3": "schedsearch.models.mistral3:Mistral3Adapter",
     "paligemma": "schedsearch.models.paligemma:PaliGemmaAdapter",
+    "glm4v": "schedsearch.models.glm4v:Glm4vAdapter",
 }
 
 

@@ -32,6 +32,8 @@ class ImageOnlyProcessor:
 
     image_token: str = "<image>"
     drop: tuple[str, ...] = ()
+    #: add ``mm_token_type_ids`` (1 at image tokens), which Qwen-style models (GLM-4V) need next to input_ids
+    mm_token_types: bool = False
 
     def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None, **settings: Any):
         self.tokenizer = tokenizer
@@ -72,6 +74,11 @@ class ImageOnlyProcessor:
             texts = expanded
         enc = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
         data = dict(enc)
+        if self.mm_token_types:
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            ids = data["input_ids"]
+            data["mm_token_type_ids"] = ((ids == image_id).long() if hasattr(ids, "long")
+                                         else [[int(i == image_id) for i in row] for row in ids])
         data.update({k: v for k, v in image_inputs.items() if k not in self.drop})
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -28,7 +28,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
 NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm",
-                "mistral3", "llava_pixtral", "paligemma")
+                "mistral3", "llava_pixtral", "paligemma", "glm4v")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -105,6 +105,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_pixtral(family, out)
     elif family == "paligemma":
         _make_paligemma(out)
+    elif family == "glm4v":
+        _make_glm4v(out)
     else:
         _make_llava(family, out)
     return out
@@ -456,6 +458,48 @@ def _make_paligemma(out: Path) -> None:
                                        projection_dim=64, hidden_size=64, pad_token_id=ids["<pad>"])
     transformers.PaliGemmaForConditionalGeneration(cfg).eval().save_pretrained(out)
     proc.save_pretrained(out)
+
+
+GLM4V_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                  "<|video|>"]
+# GLM-4.1V: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>text<|assistant|>\n"
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _make_glm4v(out: Path) -> None:
+    """GLM-4.1V: Qwen-style 14 px patches merged 2x2 (112 px: 16 tokens), 3-D positions; text layers rotate only
+    half of each head with interleaved pairs (partial_rotary_factor 0.5, mrope_section [1, 1, 2])."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=GLM4V_SPECIALS, chat_template=GLM4V_TEMPLATE,
+                               pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                               extra_attributes={"extra_special_tokens": {"image_token": "<|image|>",
+                                                                          "video_token": "<|video|>"}})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GLM4V_SPECIALS}
+    text = dict(_TEXT, vocab_size=len(tok), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [1, 1, 2]})
+    text.pop("rms_norm_eps")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, image_size=112)
+    cfg = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+                      video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                      image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                      video_end_token_id=ids["<|end_of_video|>"])
+    Glm4vForConditionalGeneration(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    Glm4vImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                           size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(GLM4V_TEMPLATE)
 
 
 class AttentionUnavailable(Exception):
