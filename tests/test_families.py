@@ -387,3 +387,27 @@ def test_optimize_and_evaluate_commands(family, tiny_dir, tmp_path, monkeypatch,
     assert rc == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rep["n_samples"] == 6 and 0 < rep["flops_ratio"] <= 0.5 + 1e-9 and rep["discrepancy"] >= 0.0
+
+
+@torch.no_grad()
+def test_scorer_matches_eager_attention_at_every_layer(family_adapter):
+    """test_runtime checks layer 1; here every layer, so sliding / global layers, layers without RoPE (Aya Vision's
+    Cohere2) and partial rotary (GLM-4V) are all compared with the eager weights."""
+    from schedsearch.schedule import kept_counts
+
+    ad = family_adapter
+    n = ad.num_layers
+    with attention_implementation(ad.model, "eager"):
+        batch = _batch(ad, ["is the square above the circle? count the shapes in the top half please"])
+        rows = ad.model(**batch, output_attentions=True).attentions
+        vis = ad.visual_mask(batch["input_ids"])[0]
+        vis_pos = vis.nonzero().squeeze(1)
+        n_keep = kept_counts([0.5], len(vis_pos))[0]
+        for layer in range(n):
+            row = rows[layer][0, :, -1, :].mean(0)
+            with apply_schedule(ad.model, _sched(n, [1.0] * layer + [0.5] * (n - layer), "last_token_attention"),
+                                adapter=ad) as h:
+                ad.model(**batch)
+                kept = {i for i in h.kept_indices[layer][0].tolist() if vis[i]}
+            top = vis_pos[torch.argsort(row[vis_pos], descending=True, stable=True)[:n_keep]]
+            assert {int(i) for i in top} == kept, layer

@@ -45,6 +45,7 @@ ALIASES: dict[str, str] = {
     "pixtral": "mistral-community/pixtral-12b",
     "paligemma2": "google/paligemma2-3b-mix-224",
     "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
+    "aya-vision": "CohereLabs/aya-vision-8b",
     "toy": str(TOY_DIR),
 }
 
@@ -64,6 +65,7 @@ REGISTRY: dict[str, str] = {
     "mistral3": "schedsearch.models.mistral3:Mistral3Adapter",
     "paligemma": "schedsearch.models.paligemma:PaliGemmaAdapter",
     "glm4v": "schedsearch.models.glm4v:Glm4vAdapter",
+    "aya_vision": "schedsearch.models.aya_vision:AyaVisionAdapter",
 }
 
 

@@ -28,7 +28,7 @@ __all__ = ["ALL_FAMILIES", "FAMILIES", "NEW_FAMILIES", "TINY_IMAGE_SIZE", "make_
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next")
 #: Families added in 2026-12 (issue 16); ALL_FAMILIES is what the runtime invariants run on.
 NEW_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "llava_onevision", "idefics3", "smolvlm",
-                "mistral3", "llava_pixtral", "paligemma", "glm4v")
+                "mistral3", "llava_pixtral", "paligemma", "glm4v", "aya_vision")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 TINY_IMAGE_SIZE = (112, 112)  # (width, height) of tiny_images() by default
 
@@ -107,6 +107,8 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         _make_paligemma(out)
     elif family == "glm4v":
         _make_glm4v(out)
+    elif family == "aya_vision":
+        _make_aya_vision(out)
     else:
         _make_llava(family, out)
     return out
@@ -500,6 +502,48 @@ def _make_glm4v(out: Path) -> None:
     Glm4vImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                            size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}).save_pretrained(out)
     (out / "chat_template.jinja").write_text(GLM4V_TEMPLATE)
+
+
+AYA_SPECIALS = ["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                "<|CHATBOT_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>",
+                "<image>", "TILE_GLOBAL"] + [f"TILE_{k}" for k in range(1, 13)]
+# Aya Vision: "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|><image>text<|END_OF_TURN_TOKEN|>..."
+AYA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>"
+    "{{ '<|USER_TOKEN|>' if message['role'] == 'user' else '<|CHATBOT_TOKEN|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
+)
+
+
+def _make_aya_vision(out: Path) -> None:
+    """Aya Vision: SigLIP 64 px tiles / patch 8, pixel shuffle 2 -> 4x4 = 16 tokens per tile, GotOcr2 tiles + a
+    global tile (112 px: 2x2 + 1 = 80 tokens); Cohere2 text: layers 0-2 slide over a window of 12 with interleaved
+    RoPE, layer 3 is global without positional encoding; parallel attention + MLP after one LayerNorm."""
+    import transformers
+
+    from schedsearch.textvocab import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, special_tokens=AYA_SPECIALS, chat_template=AYA_TEMPLATE, pad_token="<PAD>",
+                               eos_token="<|END_OF_TURN_TOKEN|>", bos_token="<BOS_TOKEN>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in AYA_SPECIALS}
+    text = dict(_TEXT, model_type="cohere2", vocab_size=len(tok), bos_token_id=ids["<BOS_TOKEN>"],
+                eos_token_id=ids["<|END_OF_TURN_TOKEN|>"], pad_token_id=ids["<PAD>"], sliding_window=12,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    text.pop("rms_norm_eps")
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=8)
+    cfg = transformers.AyaVisionConfig(text_config=text, vision_config=vision, image_token_index=ids["<|IMG_PATCH|>"],
+                                       downsample_factor=2, vision_feature_select_strategy="full",
+                                       vision_feature_layer=-1)
+    transformers.AyaVisionForConditionalGeneration(cfg).eval().save_pretrained(out)
+    improc = transformers.GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=6)
+    transformers.AyaVisionProcessor(image_processor=improc, tokenizer=tok, patch_size=8, img_size=64,
+                                    downsample_factor=2, chat_template=AYA_TEMPLATE).save_pretrained(out)
 
 
 class AttentionUnavailable(Exception):
