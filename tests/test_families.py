@@ -330,6 +330,7 @@ def test_refused_families_say_why_in_one_line(tmp_path, model_type, why):
     assert "\n" not in msg and model_type in msg and "not supported" in msg and why in msg
 
 
+@pytest.mark.slow
 def test_refused_family_on_the_command_line(tmp_path):
     import json
     import subprocess
