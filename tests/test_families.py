@@ -412,3 +412,34 @@ def test_scorer_matches_eager_attention_at_every_layer(family_adapter):
                 kept = {i for i in h.kept_indices[layer][0].tolist() if vis[i]}
             top = vis_pos[torch.argsort(row[vis_pos], descending=True, stable=True)[:n_keep]]
             assert {int(i) for i in top} == kept, layer
+
+
+@pytest.mark.parametrize("family,module", [("qwen3_vl", "qwen3_vl"), ("glm4v", "glm4v")])
+@torch.no_grad()
+def test_vision_attention_maps_of_qwen_style_towers(tiny_dir, family, module):
+    """The vflow maps (Qwen adapter's vision-attention hook) on Qwen3-VL's and GLM-4V's towers equal the head-mean
+    softmax(q k^T) that the block's own qkv and the family's own apply_rotary_pos_emb_vision give, merged 2x2."""
+    import importlib
+
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir(family))
+    rope = importlib.import_module(f"transformers.models.{module}.modeling_{module}").apply_rotary_pos_emb_vision
+    batch = ad.prepare([[tiny_images(1, size=(112, 60), seed=2)[0]]], ["a"])
+    seen = {}
+    attn = ad.vision_tower.blocks[-1].attn
+    hook = attn.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"], **k),
+                                          with_kwargs=True)
+    try:
+        maps = ad.vision_attention(batch)
+    finally:
+        hook.remove()
+    h, (cos, sin) = seen["h"], seen["position_embeddings"]
+    q, k, _ = attn.qkv(h).reshape(h.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rope(q, k, cos, sin)
+    probs = torch.softmax(torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attn.scaling, dim=-1).mean(0)
+    unit = ad.merge_size ** 2
+    v = h.shape[0] // unit
+    want = probs.reshape(v, unit, v, unit).sum(3).mean(1)
+    assert len(maps) == 1 and maps[0].shape == (v, v) == (int(ad.visual_mask(batch["input_ids"]).sum()),) * 2
+    torch.testing.assert_close(maps[0], want, atol=1e-5, rtol=1e-4)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
-from schedsearch.models.internvl import InternVLAdapter
+from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
-from schedsearch.models.tiles import attached_layout, grid_rc, tiled_rc
+from schedsearch.models.tiles import grids_from_tiles, thumbnail_layouts, tile_grids
 
 __all__ = ["AYA_SPECS", "AyaVisionAdapter"]
 
@@ -42,20 +41,9 @@ class AyaVisionAdapter(VLMAdapter):
     @classmethod
     def load(cls, path: str, *, dtype: Any = None, attn_implementation: str | None = None,
              device: str | None = None) -> VLMAdapter:
-        from transformers import AutoProcessor
-
         model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
                               device=device)
-        try:
-            proc = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:
-            msg = " ".join(str(e).split()) or type(e).__name__
-            raise ModelLoadError(f"cannot load the processor from {path!r}: {msg}") from e
-        if getattr(proc, "image_processor", None) is None:
-            raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
-                                 f"checkpoint with its processor files")
-        proc.tokenizer.padding_side = "left"
-        return cls(model, proc, path)
+        return cls(model, stock_processor(path), path)
 
     def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
         return chat_batch(self.processor, images, prompts).to(self.model.device)
@@ -91,25 +79,9 @@ class AyaVisionAdapter(VLMAdapter):
         pixels = batch.get("pixel_values")
         if pixels is None:
             return None
-        return InternVLAdapter._grids(pixels, self._tiles_per_image(batch["input_ids"]))
+        return grids_from_tiles(pixels, self._tiles_per_image(batch["input_ids"]))
 
     def visual_coords(self, batch: Any) -> Any:
-        import torch
-
         tiles = self._tiles_per_image(batch["input_ids"])
-        grids = attached_layout(batch)
-        if grids is None:
-            pixels = batch.get("pixel_values")
-            if pixels is None and batch.get("_vision_call") is not None:
-                args, kwargs = batch["_vision_call"]
-                pixels = kwargs.get("pixel_values", args[0] if args else None)
-            if pixels is None:
-                raise ValueError("visual_coords: Aya Vision's tile grid is only in the pixels, and the batch has no "
-                                 "pixel_values (nor a recorded vision call or a precompute_vision layout)")
-            grids = InternVLAdapter._grids(pixels, tiles)
-        side = self.tile_side
-        per_image = []
-        for n, (rows, cols) in zip(tiles, grids, strict=True):
-            parts = [tiled_rc(rows, cols, side)] if n > 1 else []
-            per_image.append(torch.cat([*parts, grid_rc(side, side)]))
+        per_image = thumbnail_layouts(tiles, tile_grids(batch, tiles), self.tile_side)
         return _assign_images(per_image, self.visual_mask(batch["input_ids"]))

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
+from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
 from schedsearch.models.tiles import grid_rc, visual_runs
 
@@ -41,20 +41,9 @@ class Gemma3Adapter(VLMAdapter):
     @classmethod
     def load(cls, path: str, *, dtype: Any = None, attn_implementation: str | None = None,
              device: str | None = None) -> VLMAdapter:
-        from transformers import AutoProcessor
-
         model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
                               device=device)
-        try:
-            proc = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:
-            msg = " ".join(str(e).split()) or type(e).__name__
-            raise ModelLoadError(f"cannot load the processor from {path!r}: {msg}") from e
-        if getattr(proc, "image_processor", None) is None:
-            raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
-                                 f"checkpoint with its processor files")
-        proc.tokenizer.padding_side = "left"
-        return cls(model, proc, path)
+        return cls(model, stock_processor(path), path)
 
     def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
         batch = chat_batch(self.processor, images, prompts, nested=True, drop=())

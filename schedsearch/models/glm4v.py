@@ -7,10 +7,11 @@ Lifecycle::
     adapter.visual_coords(batch)             # (B, V, 3) from image_grid_thw and the merge size
 
 Images are laid out as in Qwen2-VL (``image_grid_thw``, 2x2 merged patches in raster order, 3-D positions from
-``mm_token_type_ids``), written as ``<|begin_of_image|>`` + ``<|image|>`` x tokens + ``<|end_of_image|>``. The text
-layers rotate only part of each head, with interleaved pairs (``glm4v.modeling_glm4v.apply_rotary_pos_emb``: the
-first ``cos.shape[-1]`` dims, ``rotate_half_llm``), so :meth:`Glm4vAdapter.rotary` hands the attention scorers
-that very function. ``Glm4vProcessor`` owns a video processor (torchvision); :class:`Glm4vImageProcessor` stands in
+``mm_token_type_ids``; the Qwen adapter's coordinates and vision-attention maps apply), written as
+``<|begin_of_image|>`` + ``<|image|>`` x tokens + ``<|end_of_image|>``. The text layers rotate only part of each
+head, with interleaved pairs (``glm4v.modeling_glm4v.apply_rotary_pos_emb``: the first ``cos.shape[-1]`` dims,
+``rotate_half_llm``), so :meth:`Glm4vAdapter.rotary` hands the attention scorers that very function.
+``Glm4vProcessor`` owns a video processor (torchvision); :class:`Glm4vImageProcessor` stands in
 (``Glm4vProcessor.replace_image_token``: grid t*h*w / merge**2 tokens per image).
 """
 
@@ -21,8 +22,7 @@ from typing import Any
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
 from schedsearch.models.imageproc import ImageOnlyProcessor, load_processor
-from schedsearch.models.qwen_vl import _assign_images
-from schedsearch.models.tiles import grid_rc
+from schedsearch.models.qwen_vl import _QwenAdapter
 
 __all__ = ["GLM4V_SPECS", "Glm4vAdapter", "Glm4vImageProcessor"]
 
@@ -47,7 +47,7 @@ class Glm4vImageProcessor(ImageOnlyProcessor):
         return self.image_token * (int(image_inputs["image_grid_thw"][index].prod()) // merge)
 
 
-class Glm4vAdapter(VLMAdapter):
+class Glm4vAdapter(_QwenAdapter):
     spec = GLM4V_SPECS["glm4v"]
 
     @classmethod
@@ -68,15 +68,3 @@ class Glm4vAdapter(VLMAdapter):
         from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
         return lambda x, cos, sin: apply_rotary_pos_emb(x, x, cos, sin)[0]
-
-    def visual_coords(self, batch: Any) -> Any:
-        grid = batch.get("image_grid_thw")
-        if grid is None and batch.get("_vision_call") is not None:
-            args, kwargs = batch["_vision_call"]
-            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        if grid is None:
-            raise ValueError("visual_coords: the batch has no image_grid_thw (and no recorded vision call); pass the "
-                             "processor's output")
-        m = int(self.model.config.vision_config.spatial_merge_size)
-        per_image = [grid_rc(h // m, w // m).repeat(int(t), 1) for t, h, w in grid.tolist()]
-        return _assign_images(per_image, self.visual_mask(batch["input_ids"]))

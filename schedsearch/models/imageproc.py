@@ -23,7 +23,7 @@ from typing import Any
 
 from schedsearch.errors import ModelLoadError
 
-__all__ = ["ImageOnlyProcessor", "load_processor", "read_chat_template"]
+__all__ = ["ImageOnlyProcessor", "load_processor", "read_chat_template", "stock_processor"]
 
 
 class ImageOnlyProcessor:
@@ -128,6 +128,24 @@ def processor_settings(path: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{str(f)!r} is not valid JSON ({e}); re-download the checkpoint") from None
     return data if isinstance(data, dict) else {}
+
+
+def stock_processor(path: str) -> Any:
+    """``AutoProcessor.from_pretrained(path)`` with left padding, for families whose stock processor needs no
+    torchvision; failures are one-line ModelLoadErrors that keep transformers' reason (its ImportError texts
+    start with a newline, so the reason is collapsed onto the line rather than cut at it)."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ModelLoadError(f"cannot load the processor from {path!r}: {msg}") from e
+    if getattr(proc, "image_processor", None) is None:
+        raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
+                             f"checkpoint with its processor files")
+    proc.tokenizer.padding_side = "left"
+    return proc
 
 
 def load_processor(path: str, image_processor_class: str,

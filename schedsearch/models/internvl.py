@@ -24,7 +24,7 @@ from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
 from schedsearch.models.imageproc import ImageOnlyProcessor, load_processor
 from schedsearch.models.qwen_vl import _assign_images
-from schedsearch.models.tiles import attached_layout, best_tile_grid, grid_rc, tiled_rc, visual_runs
+from schedsearch.models.tiles import grids_from_tiles, thumbnail_layouts, tile_grids, visual_runs
 
 __all__ = ["INTERNVL_SPECS", "InternVLAdapter", "InternVLImageProcessor"]
 
@@ -87,43 +87,9 @@ class InternVLAdapter(VLMAdapter):
         pixels = batch.get("pixel_values")
         if pixels is None:
             return None
-        return self._grids(pixels, self._tiles_per_image(self.visual_mask(batch["input_ids"])))
-
-    @staticmethod
-    def _grids(pixels: Any, tiles: list[int]) -> list[tuple[int, int]]:
-        """(rows, cols) of each image's tile grid, from its tiles and thumbnail."""
-        out, k = [], 0
-        for n in tiles:
-            if n == 1:
-                out.append((1, 1))
-            else:
-                cand = [(r, (n - 1) // r) for r in range(1, n) if (n - 1) % r == 0]
-                out.append(best_tile_grid(pixels[k:k + n - 1], pixels[k + n - 1], cand))
-            k += n
-        if k != pixels.shape[0]:
-            raise ValueError(f"visual_coords: the image tokens imply {k} tiles but there are {pixels.shape[0]}")
-        return out
+        return grids_from_tiles(pixels, self._tiles_per_image(self.visual_mask(batch["input_ids"])))
 
     def visual_coords(self, batch: Any) -> Any:
-        import torch
-
         vis = self.visual_mask(batch["input_ids"])
         tiles = self._tiles_per_image(vis)
-        grids = attached_layout(batch)
-        if grids is None:
-            pixels = batch.get("pixel_values")
-            if pixels is None and batch.get("_vision_call") is not None:
-                args, kwargs = batch["_vision_call"]
-                pixels = kwargs.get("pixel_values", args[0] if args else None)
-            if pixels is None:
-                raise ValueError("visual_coords: InternVL's tile grid is only in the pixels, and the batch has no "
-                                 "pixel_values (nor a recorded vision call or a precompute_vision layout)")
-            grids = self._grids(pixels, tiles)
-        side = self.tile_side
-        per_image = []
-        for n, (rows, cols) in zip(tiles, grids, strict=True):
-            if n == 1:
-                per_image.append(grid_rc(side, side))
-            else:  # tiles in raster order over the image, then the thumbnail over the whole image
-                per_image.append(torch.cat([tiled_rc(rows, cols, side), grid_rc(side, side)]))
-        return _assign_images(per_image, vis)
+        return _assign_images(thumbnail_layouts(tiles, tile_grids(batch, tiles), self.tile_side), vis)

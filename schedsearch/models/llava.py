@@ -20,6 +20,7 @@ from typing import Any
 
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
+from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
 
 __all__ = ["LLAVA_SPECS", "LlavaAdapter", "LlavaNextAdapter"]
@@ -40,26 +41,13 @@ class _LlavaBase(VLMAdapter):
     @classmethod
     def load(cls, path: str, *, dtype: Any = None, attn_implementation: str | None = None,
              device: str | None = None) -> VLMAdapter:
-        from transformers import AutoProcessor
-
-        from schedsearch.errors import ModelLoadError
-
         model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
                               device=device)
         if _is_pixtral(model):  # Pixtral-12B style: PixtralProcessor needs torchvision; an image-only stand-in
             from schedsearch.models.mistral3 import load_pixtral_processor
 
             return cls(model, load_pixtral_processor(path, int(model.config.vision_config.patch_size), 1), path)
-        try:
-            proc = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:  # transformers' ImportError text starts with a newline
-            msg = " ".join(str(e).split()) or type(e).__name__
-            raise ModelLoadError(f"cannot load the processor from {path!r}: {msg}") from e
-        if getattr(proc, "image_processor", None) is None:
-            raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
-                                 f"checkpoint with its processor files")
-        proc.tokenizer.padding_side = "left"
-        return cls(model, proc, path)
+        return cls(model, stock_processor(path), path)
 
     def _grid_side(self) -> int:
         vc = self.model.config.vision_config

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LAYOUT_ATTR", "attached_layout", "best_tile_grid", "grid_rc", "tiled_rc", "visual_runs"]
+__all__ = ["LAYOUT_ATTR", "attached_layout", "best_tile_grid", "grid_rc", "grids_from_tiles", "thumbnail_layouts",
+           "tile_grids", "tiled_rc", "visual_runs"]
 
 
 def grid_rc(h: int, w: int) -> Any:
@@ -76,3 +77,47 @@ def attached_layout(batch: Any) -> Any:
     enc = batch.get("mm_encoder_outputs") if hasattr(batch, "get") else None
     image = enc.get("image") if isinstance(enc, dict) else None
     return getattr(image, LAYOUT_ATTR, None)
+
+
+def grids_from_tiles(pixels: Any, tiles: list[int]) -> list[tuple[int, int]]:
+    """(rows, cols) of each image's tile grid. ``pixels`` (total tiles, C, S, S): each image's tiles in raster order,
+    then its thumbnail (a one-tile image has none); ``tiles``: tiles per image, thumbnail included."""
+    out, k = [], 0
+    for n in tiles:
+        if n == 1:
+            out.append((1, 1))
+        else:
+            cand = [(r, (n - 1) // r) for r in range(1, n) if (n - 1) % r == 0]
+            out.append(best_tile_grid(pixels[k:k + n - 1], pixels[k + n - 1], cand))
+        k += n
+    if k != pixels.shape[0]:
+        raise ValueError(f"visual_coords: the image tokens imply {k} tiles but there are {pixels.shape[0]}")
+    return out
+
+
+def tile_grids(batch: Any, tiles: list[int]) -> list[tuple[int, int]]:
+    """The tile grids of a batch: kept by ``precompute_vision``, else found from its pixels (the batch's
+    ``pixel_values`` or the recorded vision-tower call's)."""
+    grids = attached_layout(batch)
+    if grids is not None:
+        return grids
+    pixels = batch.get("pixel_values")
+    if pixels is None and batch.get("_vision_call") is not None:
+        args, kwargs = batch["_vision_call"]
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+    if pixels is None:
+        raise ValueError("visual_coords: the tile grid is only in the pixels, and the batch has no pixel_values (nor "
+                         "a recorded vision call or a precompute_vision layout)")
+    return grids_from_tiles(pixels, tiles)
+
+
+def thumbnail_layouts(tiles: list[int], grids: list[tuple[int, int]], side: int) -> list[Any]:
+    """Per image, (n, 2) row/col: its rows x cols tiles (side x side tokens each, raster order) over the image,
+    then the thumbnail's own side x side grid; a one-tile image is just that grid."""
+    import torch
+
+    out = []
+    for n, (rows, cols) in zip(tiles, grids, strict=True):
+        parts = [tiled_rc(rows, cols, side)] if n > 1 else []
+        out.append(torch.cat([*parts, grid_rc(side, side)]))
+    return out
