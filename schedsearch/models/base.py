@@ -115,8 +115,15 @@ class VLMAdapter:
         dtype: Any = None,
         attn_implementation: str | None = None,
         device: str | None = None,
-    ) -> VLMAdapter:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> VLMAdapter:
+        """``spec.model_class.from_pretrained(path)`` and the checkpoint's stock processor (``AutoProcessor``).
+        Families whose stock processor needs torchvision override this with an image-only stand-in."""
+        from schedsearch.models import load_hf_model
+        from schedsearch.models.imageproc import stock_processor
+
+        model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
+                              device=device)
+        return cls(model, stock_processor(path), path)
 
     # ------------------------------------------------------------ structure
     @property

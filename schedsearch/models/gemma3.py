@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_batch
-from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
 from schedsearch.models.tiles import grid_rc, visual_runs
 
@@ -37,13 +35,6 @@ GEMMA3_SPECS: dict[str, FamilySpec] = {
 
 class Gemma3Adapter(VLMAdapter):
     spec = GEMMA3_SPECS["gemma3"]
-
-    @classmethod
-    def load(cls, path: str, *, dtype: Any = None, attn_implementation: str | None = None,
-             device: str | None = None) -> VLMAdapter:
-        model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
-                              device=device)
-        return cls(model, stock_processor(path), path)
 
     def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
         batch = chat_batch(self.processor, images, prompts, nested=True, drop=())
