@@ -14,7 +14,10 @@ Images of :data:`TINY_IMAGE_SIZE` give 16 visual tokens (Qwen: 112 px / patch 14
 64 (LLaVA-1.5: CLIP 64 px / patch 8) or 64 + 8x9 = 136 (LLaVA-NeXT: base grid + one high-res tile
 with a newline token per row). The families of :data:`NEW_FAMILIES` keep the same text shape and add
 what makes each family different (each builder's docstring says what): Qwen3-VL's DeepStack and MoE
-experts, Gemma 3's sliding-window layers (a window shorter than the prompts), ...
+experts, Gemma 3's and Cohere2's sliding-window layers (a window shorter than the prompts), InternVL's and Aya
+Vision's tiles + thumbnail, LLaVA-OneVision's shrunk anyres grid, Idefics3 / SmolVLM's tagged tiles, Pixtral's
+variable sizes, PaliGemma's prefix-LM, GLM-4V's partial interleaved rotary. Processors without torchvision are
+the image-only stand-ins of :mod:`schedsearch.models.imageproc` where the stock one cannot be built.
 """
 
 from __future__ import annotations
