@@ -136,7 +136,7 @@ def _make_qwen(family: str, out: Path) -> None:
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Cfg
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_TEXT["hidden_size"],
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
     elif family in ("qwen3_vl", "qwen3_vl_moe"):
@@ -147,7 +147,7 @@ def _make_qwen(family: str, out: Path) -> None:
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
         text["rope_parameters"]["mrope_section"] = [2, 3, 3]
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_TEXT["hidden_size"],
                       patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
         if family == "qwen3_vl":
@@ -157,11 +157,11 @@ def _make_qwen(family: str, out: Path) -> None:
             from transformers import Qwen3VLMoeConfig as Cfg
             from transformers import Qwen3VLMoeForConditionalGeneration as Model
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-                        mlp_only_layers=[3])
+                        mlp_only_layers=[_TEXT["num_hidden_layers"] - 1])
     else:
         from transformers import Qwen2VLConfig as Cfg
         from transformers import Qwen2VLForConditionalGeneration as Model
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
+        vision = dict(depth=2, embed_dim=32, hidden_size=_TEXT["hidden_size"], mlp_ratio=2, num_heads=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     cfg = Cfg(text_config=text, vision_config=vision, **common)
     model = Model(cfg).eval()
@@ -249,7 +249,7 @@ def _make_gemma3(out: Path) -> None:
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     text = dict(_TEXT, head_dim=16, vocab_size=len(tok), bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
                 pad_token_id=ids["<pad>"], query_pre_attn_scalar=24, sliding_window=12,
-                layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                layer_types=["sliding_attention"] * (_TEXT["num_hidden_layers"] - 1) + ["full_attention"],
                 rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope, rope_theta=20000.0)})
     text.pop("rms_norm_eps")
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -455,12 +455,13 @@ def _make_paligemma(out: Path) -> None:
     text = dict(_TEXT, model_type="gemma2", head_dim=16, vocab_size=len(tok), bos_token_id=ids["<bos>"],
                 eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"], query_pre_attn_scalar=24, sliding_window=12,
                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                layer_types=["sliding_attention", "full_attention"] * 2)
+                layer_types=["sliding_attention", "full_attention"] * (_TEXT["num_hidden_layers"] // 2))
     text.pop("rms_norm_eps")
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=64, patch_size=8, projection_dim=64)
+                  num_attention_heads=2, image_size=64, patch_size=8, projection_dim=_TEXT["hidden_size"])
+    width = _TEXT["hidden_size"]
     cfg = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-                                       projection_dim=64, hidden_size=64, pad_token_id=ids["<pad>"])
+                                       projection_dim=width, hidden_size=width, pad_token_id=ids["<pad>"])
     transformers.PaliGemmaForConditionalGeneration(cfg).eval().save_pretrained(out)
     proc.save_pretrained(out)
 
@@ -495,7 +496,7 @@ def _make_glm4v(out: Path) -> None:
                                  "mrope_section": [1, 1, 2]})
     text.pop("rms_norm_eps")
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=64, image_size=112)
+                  temporal_patch_size=2, out_hidden_size=_TEXT["hidden_size"], image_size=112)
     cfg = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
                       video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
                       image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
@@ -534,7 +535,7 @@ def _make_aya_vision(out: Path) -> None:
     ids = {t: tok.convert_tokens_to_ids(t) for t in AYA_SPECIALS}
     text = dict(_TEXT, model_type="cohere2", vocab_size=len(tok), bos_token_id=ids["<BOS_TOKEN>"],
                 eos_token_id=ids["<|END_OF_TURN_TOKEN|>"], pad_token_id=ids["<PAD>"], sliding_window=12,
-                layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                layer_types=["sliding_attention"] * (_TEXT["num_hidden_layers"] - 1) + ["full_attention"],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     text.pop("rms_norm_eps")
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
