@@ -6,7 +6,7 @@ Lifecycle::
     batch = adapter.prepare([[img]], ["q"])  # "<image>" x n + <bos> + prompt + "\\n", token_type_ids, no labels
     adapter.visual_coords(batch)             # (B, V, 3): each image's SigLIP grid, raster order
 
-PaliGemma is a prefix-LM (Beyer et al., arXiv 2407.07726, Sec. 3.2): the image tokens and the prompt form a
+PaliGemma is a prefix-LM (Beyer et al., arXiv 2407.07726): the image tokens and the prompt form a
 prefix that attends bidirectionally, generated tokens attend causally. The model builds that mask from
 ``token_type_ids`` (0 = prefix; a generated token is 1), so ``prepare`` keeps them and drops the training
 ``labels`` the processor derives from them. There is no chat template: the processor writes the images first.

@@ -1,6 +1,6 @@
 """DeepStack features under token dropping (Qwen3-VL).
 
-DeepStack (Meng et al., arXiv 2406.04334, Sec. 3) feeds features of intermediate vision-encoder blocks into
+DeepStack (Meng et al., arXiv 2406.04334) feeds features of intermediate vision-encoder blocks into
 the first decoder layers: ``Qwen3VLTextModel.forward`` (transformers 5.24) receives ``visual_pos_masks`` (B, N)
 and ``deepstack_visual_embeds`` (a list of (total visual tokens, D) tensors) and, right after decoder layer
 ``i``, does ``h = h.clone(); h[mask] = h[mask] + embeds[i]``. Both have the full sequence length, so once

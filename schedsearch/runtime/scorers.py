@@ -99,7 +99,7 @@ def _attention_rows(ctx: ScoreContext, query_local: torch.Tensor, rope: bool) ->
     scale = getattr(attn, "scaling", None) or ctx.head_dim**-0.5  # Gemma 3: query_pre_attn_scalar**-0.5
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, n)
     cap = getattr(attn, "attn_logit_softcapping", None)
-    if cap:  # Gemma 2 (arXiv 2408.00118, Sec. 2.2): logits <- cap * tanh(logits / cap), as its eager attention does
+    if cap:  # Gemma 2 (arXiv 2408.00118, Sec. 2): logits <- cap * tanh(logits / cap), as its eager attention does
         logits = torch.tanh(logits / cap) * cap
     keys = torch.arange(n, device=h.device)
     if ctx.attention_mask is not None:  # the layer's own mask (sliding window, image blocks), rows of the queries
