@@ -19,13 +19,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schedsearch.errors import SchedsearchError
 from schedsearch.search.budget import InfeasibleBudget
 from schedsearch.search.interrupt import SigintGuard
 from schedsearch.search.methods import METHODS, Candidate, SearchContext, baseline_candidate
-from schedsearch.search.objective import Objective
+
+if TYPE_CHECKING:  # annotations only: importing this module (e.g. SAMPLERS for --help) must not import torch
+    from schedsearch.search.objective import Objective
 
 SAMPLERS = ("tpe", "gp", "cmaes", "botorch", "random", "qmc")
 
