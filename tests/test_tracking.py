@@ -343,3 +343,49 @@ def test_ui_serves_runs(store):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_ui_facing_run_contents(store):
+    """What the MLflow UI shows: the metric named for what it is, real trial times, the README's parameter names,
+    the best value (not the last) on the parent, the budget and a description naming the schedule file; the
+    budget constraint stored under Optuna 5's key and the key optuna-dashboard 0.21 reads."""
+    import datetime
+
+    from schedsearch.tracking import set_constraint
+
+    _, uri = store
+    tracker = Tracker(uri, experiment="ui-facing")
+    parent = tracker.start_study("named", {"budget": 0.2, "budget_kind": "flops", "method": "psigmoid",
+                                           "sampler": "random"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    values = [0.3, 0.1, 0.2]  # the last trial is not the best
+
+    def objective(trial):
+        trial.suggest_float("phi", 0.0, 0.95)
+        set_constraint(trial, "budget", -0.01)
+        time.sleep(0.05)
+        return values[trial.number]
+
+    with tracker:
+        study.optimize(objective, n_trials=3, callbacks=[optuna_callback(tracker, metric_names=["one_minus_cos"])])
+        tracker.set_summary({"best_search": 0.1, "best_heldout": 0.12}, {"schedule_path": "schedules/named.json"})
+    assert study.metric_names == ["one_minus_cos"]
+    t0 = study.trials[0]
+    assert t0.system_attrs["constraints:budget"] == pytest.approx(-0.01)
+    assert t0.system_attrs["constraints"] == [pytest.approx(-0.01)]
+
+    client = tracker.client
+    p = client.get_run(parent)
+    assert p.data.metrics["one_minus_cos"] == pytest.approx(0.1)  # best so far at the last step, not 0.2
+    assert [m.value for m in client.get_metric_history(parent, "one_minus_cos")] == pytest.approx([0.3, 0.1, 0.1])
+    assert p.data.tags["schedsearch.budget"] == "flops <= 0.2"
+    note = p.data.tags["mlflow.note.content"]
+    assert "schedules/named.json" in note and "psigmoid" in note and "flops <= 0.2" in note
+    kids = _children(tracker, parent)
+    for run, trial in zip(kids, study.trials, strict=True):
+        assert run.data.metrics["one_minus_cos"] == pytest.approx(trial.value)
+        assert "value" not in run.data.metrics
+        assert "floor" in run.data.params and "phi" not in run.data.params
+        start = datetime.datetime.fromtimestamp(run.info.start_time / 1000, tz=datetime.timezone.utc)
+        assert abs((start - trial.datetime_start.astimezone(datetime.timezone.utc)).total_seconds()) < 0.01
+        assert run.info.end_time - run.info.start_time >= 40  # the trial's own duration (it slept 50 ms)

@@ -185,7 +185,8 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     from schedsearch.search.optimize import open_study
 
     study = open_study(settings, pareto=bool(s.get("pareto")))  # create, or join/continue with --resume
-    log_trial = optuna_callback(tracker)
+    names = ["one_minus_cos", f"achieved_{settings.kind}"] if s.get("pareto") else ["one_minus_cos"]
+    log_trial = optuna_callback(tracker, metric_names=names)  # the metric as the UI and the dashboard label it
     run_id = claim_parent_run(study, settings.storage, tracker, settings.study_name, params, log_trial)
 
     def remember_run(study: Any, trial: Any) -> None:  # so an interrupted study resumes under the same run
@@ -227,6 +228,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
     from schedsearch.search.gsearch import GreedySearch
     from schedsearch.search.methods import Candidate
     from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, worker_id
+    from schedsearch.tracking import set_constraint
 
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
@@ -258,7 +260,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
-        trial.set_constraint("budget", b["achieved"] - settings.budget)
+        set_constraint(trial, "budget", b["achieved"] - settings.budget)  # feasible when <= 0
 
     with guard:
         if ctx.scorer.get("name") == "auto":
