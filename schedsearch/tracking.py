@@ -76,6 +76,96 @@ class TrackingWarning(UserWarning):
     """Tracking degraded (unreachable server -> local store; logging switched off after an error)."""
 
 
+class TrackingStoreError(SchedsearchError):
+    """A tracking store that cannot be used: unreachable server, unreadable or unwritable sqlite file."""
+
+
+#: Longest wait for a database tracking store (PostgreSQL, MySQL) to answer: MLflow itself retries ~100 s
+STORE_TIMEOUT_S = 60.0
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def home_store_uri() -> str:
+    """The per-user fallback store: ``$SCHEDSEARCH_HOME/mlflow.db``, else ``$XDG_DATA_HOME/schedsearch``, else
+    ``~/.local/share/schedsearch`` (where the schedule library lives), used when the working directory's store is
+    broken."""
+    home = os.environ.get("SCHEDSEARCH_HOME")
+    if not home:
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        home = str(Path(base) / "schedsearch")
+    return f"sqlite:///{Path(home).expanduser().resolve() / 'mlflow.db'}"
+
+
+def check_sqlite_store(uri: str, write: bool = True) -> None:
+    """Open a ``sqlite:///`` store with the standard library first, so a broken file is one line within seconds.
+
+    MLflow retries a database it cannot open 10 times with exponential back-off (~100 s, two warning lines per
+    retry) and reports a corrupt file as a schema error. Here: a missing file is fine (MLflow creates it) when its
+    folder can be written; a directory, a corrupt file (``file is not a database``) or a read-only file or folder
+    (``attempt to write a readonly database``; ``write=False`` skips that check) raise TrackingStoreError naming
+    the file and sqlite's own reason.
+    """
+    import sqlite3
+
+    raw = uri[len("sqlite:///"):]
+    path = Path(raw.split("?", 1)[0])
+    if raw in ("", ":memory:") or raw.startswith("file:"):
+        return
+    if path.is_dir():
+        raise TrackingStoreError(f"tracking store {path} is a directory, not an sqlite file")
+    if not path.exists():
+        parent = path.parent if str(path.parent) else Path(".")
+        probe = parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise TrackingStoreError(f"tracking store {path}: {probe} is not a directory")
+        if write and not os.access(probe, os.W_OK | os.X_OK):
+            raise TrackingStoreError(f"tracking store {path} cannot be created: {probe} is not writable")
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode={'rw' if write else 'ro'}", uri=True, timeout=5)
+    except sqlite3.Error as exc:
+        raise TrackingStoreError(f"tracking store {path} cannot be opened: {_one_line(exc)}") from None
+    try:
+        con.execute("PRAGMA schema_version").fetchone()  # reads the header: 'file is not a database'
+        if write:
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: 'attempt to write a readonly database'
+            con.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise TrackingStoreError(f"tracking store {path} cannot be used: {_one_line(exc)}") from None
+    finally:
+        con.close()
+
+
+def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``fn()`` in a daemon thread; TrackingStoreError when it has not returned within ``timeout_s`` seconds.
+
+    For store calls that can block far longer than a user waits (a database host that drops packets, MLflow's
+    retry loops): the caller gets one line and goes on; the abandoned thread ends with the process.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True, name=f"schedsearch-{what}")
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TrackingStoreError(f"{what}: no answer within {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def _mlflow() -> Any:
     try:
         import mlflow
@@ -107,12 +197,12 @@ def _env(**values: str) -> Iterator[None]:
 
 @contextmanager
 def _quiet_db_logs() -> Iterator[None]:
-    """MLflow logs two INFO lines when it creates/migrates a sqlite store; keep the CLI output clean."""
+    """MLflow logs INFO lines when it creates/migrates a sqlite store and a warning per retry; keep them out."""
     names = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
+    for lg in loggers:  # ERROR: MLflow's "will be retried" warnings are not the user's business (bounded below)
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -205,26 +295,35 @@ class Tracker:
         self._lock = threading.Lock()
         self._ended = False
         self._warned_error = False
-        try:
-            self._client, self.experiment_id = self._connect(mlflow, self.requested_uri)
-            self.tracking_uri = self.requested_uri
-        except Exception as exc:
-            if self.requested_uri == DEFAULT_TRACKING_URI:
-                raise
-            reason = " ".join(str(exc).split())
-            if len(reason) > 160:
-                reason = reason[:157] + "..."
-            _warn(f"tracking URI {self.requested_uri} is unreachable ({type(exc).__name__}: {reason}); "
-                  f"the study goes on and logs to the local store {DEFAULT_TRACKING_URI} "
-                  f"(see it with: schedsearch ui)")
+        self._client: Any = None
+        self.experiment_id = ""
+        self.tracking_uri = self.requested_uri
+        first_error: Exception | None = None
+        for uri in dict.fromkeys([self.requested_uri, DEFAULT_TRACKING_URI, home_store_uri()]):
+            try:
+                self._client, self.experiment_id = self._connect(mlflow, uri)
+                self.tracking_uri = uri
+                break
+            except Exception as exc:  # noqa: BLE001 - every store problem degrades to the next store
+                first_error = first_error or exc
+        else:
+            self.enabled = False
+            _warn(f"tracking URI {self.requested_uri} cannot be used ({type(first_error).__name__}: "
+                  f"{_one_line(first_error)}) and neither can the local stores {DEFAULT_TRACKING_URI} and "
+                  f"{home_store_uri()}; tracking is off for this study, which goes on")
+            return
+        if self.tracking_uri != self.requested_uri:
             self.fell_back = True
-            self.tracking_uri = DEFAULT_TRACKING_URI
-            self._client, self.experiment_id = self._connect(mlflow, DEFAULT_TRACKING_URI)
+            what = "is unreachable" if self.requested_uri.startswith(("http://", "https://")) else "cannot be used"
+            _warn(f"tracking URI {self.requested_uri} {what} ({type(first_error).__name__}: "
+                  f"{_one_line(first_error)}); the study goes on and logs to the local store {self.tracking_uri} "
+                  f"(see it with: schedsearch ui --tracking-uri {self.tracking_uri})")
 
     # -- connection ----------------------------------------------------------------------------------------
     def _connect(self, mlflow: Any, uri: str) -> tuple[Any, str]:
         artifact_location = None
         if uri.startswith("sqlite:///"):
+            check_sqlite_store(uri)  # seconds, not MLflow's ~100 s of retries, for a broken file
             db = Path(uri[len("sqlite:///"):])
             if str(db) not in ("", ":memory:"):
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +334,12 @@ class Tracker:
         if uri.startswith(("http://", "https://")):
             env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+        if uri.startswith(("http://", "https://", "sqlite:")):  # bounded by the probe settings / checked above
+            return self._open(mlflow, uri, env, artifact_location)
+        return bounded(lambda: self._open(mlflow, uri, env, artifact_location), STORE_TIMEOUT_S,
+                       f"tracking store {uri.split('@')[-1]}")
+
+    def _open(self, mlflow: Any, uri: str, env: dict, artifact_location: str | None) -> tuple[Any, str]:
         with _env(**env), _quiet_db_logs():
             client = mlflow.MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(self.experiment)
@@ -611,3 +716,35 @@ def backfill_trials(tracker: Tracker, study: Any, callback: Callable[[Any, Any],
             callback(study, t)
             n += 1
     return n
+
+
+def find_experiment(uri: str, experiment: str = "schedsearch") -> str | None:
+    """The id of ``experiment`` in the store at ``uri`` (read only; None when the store or experiment does not
+    exist yet). A store that cannot be read raises TrackingStoreError in one line, within seconds."""
+    mlflow = _mlflow()
+    if uri.startswith("sqlite:///"):
+        raw = uri[len("sqlite:///"):]
+        if not raw.startswith("file:") and not Path(raw.split("?", 1)[0]).exists():
+            return None
+        check_sqlite_store(uri, write=False)
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+
+    def look() -> str | None:
+        with _env(**env), _quiet_db_logs():
+            exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        return None if exp is None else exp.experiment_id
+
+    try:
+        return bounded(look, STORE_TIMEOUT_S, f"tracking store {uri.split('@')[-1]}")
+    except TrackingStoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any store failure is one line
+        raise TrackingStoreError(f"cannot read the tracking store {uri.split('@')[-1]} "
+                                 f"({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def runs_view_path(experiment_id: str | None) -> str:
+    """The MLflow UI fragment that opens an experiment's runs table (MLflow 3 otherwise opens its GenAI view)."""
+    if experiment_id is None:
+        return "/"
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
