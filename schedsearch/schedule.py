@@ -578,7 +578,7 @@ class Schedule:
         schedule = cls(**kwargs, extra=extra)
         from schedsearch.schedule_structure import check_structure  # jsonschema, imported on first load
 
-        check_structure(data, minor, _parse_version(SCHEMA_VERSION)[1])
+        check_structure(data, minor, _parse_version(SCHEMA_VERSION)[1], schedule)
         return schedule
 
     @classmethod

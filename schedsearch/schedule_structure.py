@@ -28,12 +28,26 @@ def _validator() -> Any:
     return cls(schema)
 
 
-def check_structure(data: Any, file_minor: int, our_minor: int) -> None:
-    """Raise one ScheduleError line naming the first schema violation (path and reason) of ``data``."""
+def _is_json(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_json(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def check_structure(data: Any, file_minor: int, our_minor: int, schedule: Any = None) -> None:
+    """Raise one ScheduleError line naming the first schema violation (path and reason) of ``data``.
+
+    ``data`` is checked as given when it is a JSON document (a file); built in code from objects (e.g. a
+    ``Provenance``), its serialised form ``schedule.to_dict()`` is checked instead.
+    """
     if file_minor > our_minor:
         return
     from jsonschema.exceptions import best_match
 
+    if not _is_json(data) and schedule is not None:
+        data = schedule.to_dict()
     error = best_match(_validator().iter_errors(data))
     if error is None:
         return

@@ -452,7 +452,7 @@ class Tracker:
         rid = self._require_run()
         try:
             if self.enabled:
-                self._client.log_figure(rid, fig, name, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+                self._client.log_figure(rid, fig, name, save_kwargs={"dpi": 150, "bbox_inches": "tight"})
         except Exception as exc:
             self._failed(f"logging figure {name}", exc)
         finally:

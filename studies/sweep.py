@@ -349,6 +349,12 @@ def read_table(text: str) -> tuple[dict, list[dict[str, str]]]:
     return head, rows
 
 
+def _std_err(cell: dict) -> float:
+    """Standard error of an accuracy measured on n independent questions: sqrt(p (1 - p) / n)."""
+    n = sum(cell["counts"]["qtype"].values())
+    return (cell["accuracy"] * (1 - cell["accuracy"]) / n) ** 0.5 if n else 0.0
+
+
 def figures(results: dict) -> dict[str, Any]:
     from schedsearch import plots
 
@@ -356,19 +362,23 @@ def figures(results: dict) -> dict[str, Any]:
     methods = list(dict.fromkeys(c["method"] for c in results["cells"]))
     ref = results["reference"]
     out = {
-        "sweep_accuracy.png": plots.curves_plot(
-            {m: [(c["flops_ratio"], c["accuracy"]) for c in ok if c["method"] == m] for m in methods},
-            xlabel="achieved FLOPs ratio (held-out)", ylabel="toy-task accuracy",
-            title="Accuracy vs achieved FLOPs (toy model, held-out)", reference={"unpruned": ref["accuracy"]}),
+        "sweep_accuracy.png": plots.curves_plot(  # error bars: one standard error, sqrt(p (1 - p) / n)
+            {m: [(c["flops_ratio"], c["accuracy"], _std_err(c)) for c in ok if c["method"] == m] for m in methods},
+            xlabel="achieved FLOPs ratio (pruned / unpruned decoder prefill, held-out)",
+            ylabel="exact-match accuracy (fraction, ± 1 s.e.)",
+            title=f"Accuracy vs achieved FLOPs (toy model, {results['meta']['n_heldout']} held-out questions)",
+            reference={"unpruned": ref["accuracy"]}),
         "sweep_discrepancy.png": plots.curves_plot(
             {m: [(c["flops_ratio"], c["discrepancy"]) for c in ok if c["method"] == m] for m in methods},
-            xlabel="achieved FLOPs ratio (held-out)", ylabel="discrepancy (1 - cos)", logy=True,
+            xlabel="achieved FLOPs ratio (pruned / unpruned decoder prefill, held-out)",
+            ylabel="1 - cos(h, h_pruned), last token (held-out mean)", logy=True,
             title="Discrepancy vs achieved FLOPs (toy model, held-out)"),
     }
     for m in methods:
         shapes = {f"FLOPs {c['budget']}": c["keep_ratios"] for c in ok if c["method"] == m}
         if m in SEARCHED and shapes:
-            out[f"sweep_keep_{m}.png"] = plots.keep_ratio_plot(shapes, title=f"{m}: keep ratio per layer")
+            out[f"sweep_keep_{m}.png"] = plots.keep_ratio_plot(
+                shapes, title=f"{m}: keep ratio per layer at each FLOPs budget")
     return out
 
 
@@ -378,8 +388,10 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
     paths = [out / "sweep.md", out / "sweep.json"]
     paths[0].write_text(markdown(results), encoding="utf-8")
     paths[1].write_text(json.dumps(_jsonable(results), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    from schedsearch import plots
+
     for name, fig in figures(results).items():
-        fig.savefig(out / name, dpi=100)
+        fig.savefig(out / name, dpi=plots.DPI)
         paths.append(out / name)
     return paths
 

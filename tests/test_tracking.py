@@ -448,3 +448,43 @@ def test_broken_local_store_falls_back_within_seconds(tmp_path, monkeypatch):
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_study_figures_are_report_ready(tmp_path):
+    """The PNGs optimize logs: >= 150 dpi, the budget in every title, labelled axes, Optuna's own history and
+    importance plots (README parameter names), the overlay beside the image with a colour bar."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from schedsearch import plots
+    from schedsearch.tracking import set_constraint
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        k = trial.suggest_float("k", 2.0, 60.0, log=True)
+        phi = trial.suggest_float("phi", 0.0, 0.95)
+        set_constraint(trial, "budget", 0.01 if trial.number == 3 else -0.01)  # one infeasible trial
+        return 0.1 * phi + 0.001 * k
+
+    study.optimize(objective, n_trials=12)
+    result = SimpleNamespace(study=study, best=SimpleNamespace(ratios=[1.0, 0.6, 0.3, 0.1]),
+                             baselines={"uniform": {"ratios": [0.25] * 4}}, budget={"kind": "flops", "requested": 0.2})
+    figs = plots.study_figures(result)
+    assert set(figs) == {"keep_ratio_per_layer.png", "optimization_history.png", "param_importances.png"}
+    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 40).astype("uint8"))  # a dark image
+    figs["overlay.png"] = plots.overlay_plot(image, np.linspace(0, 1, 24).reshape(4, 6), budget="FLOPs <= 0.2")
+    for name, fig in figs.items():
+        ax = fig.axes[0] if name != "overlay.png" else fig.axes[1]
+        title = fig._suptitle.get_text() if name == "overlay.png" else ax.get_title()
+        assert "FLOPs <= 0.2" in title, (name, title)
+        if name != "overlay.png":
+            assert ax.get_xlabel() and ax.get_ylabel(), name
+        fig.savefig(tmp_path / name, dpi=plots.DPI)
+        with Image.open(tmp_path / name) as im:
+            assert round(im.info["dpi"][0]) >= 150, name
+    assert [t.get_text() for t in figs["param_importances.png"].axes[0].get_yticklabels()].count("floor") == 1
+    assert len(figs["overlay.png"].axes) == 3  # image, heat map, colour bar
+    assert "fraction of decoder layers" in figs["overlay.png"].axes[2].get_ylabel()

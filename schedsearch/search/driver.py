@@ -304,20 +304,9 @@ def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any,
     from schedsearch import plots
 
     tracker.log_artifact_file(out)
-    shapes = {"searched": result.best.ratios, **{k: v["ratios"] for k, v in result.baselines.items()}}
-    tracker.log_figure(plots.keep_ratio_plot(shapes), "keep_ratio_per_layer.png")
-    values = [t.value for t in result.study.trials if t.value is not None]
-    if values:
-        tracker.log_figure(plots.history_plot(values), "optimization_history.png")
-    from schedsearch.evaluation import survival_grid
-
     sample = obj.samples["search"][0] if obj.samples["search"] else None
-    if sample is not None:
-        grid = survival_grid(adapter, sched, sample.images, sample.prompt)
-        if grid is not None:
-            tracker.log_figure(plots.overlay_plot(sample.images[0], grid,
-                                                 title="fraction of layers each visual token survives"),
-                               "kept_tokens_overlay.png")
+    for name, fig in plots.study_figures(result, sched, adapter, sample).items():
+        tracker.log_figure(fig, name)
     metrics = {"best_search": result.search_value, **{f"budget_{k}": v for k, v in result.budget.items()
                                                       if isinstance(v, float)}}
     if result.heldout_value is not None:
@@ -376,7 +365,8 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
         rows.append((f"{b:g}", r["search"], r["heldout"], r["budget"]["flops_ratio"], str(out)))
     echo(table(["budget", "search 1-cos", "held-out 1-cos", "FLOPs", "file"], rows, digits=5, fixed=True))
     points = [(t.values[0], t.values[1]) for t in res.study.trials if t.values]
-    tracker.log_figure(plots.pareto_plot(points, budgets=budgets), "pareto_front.png")
+    tracker.log_figure(plots.pareto_plot(res.study if points else points, budgets=budgets, kind=settings.kind),
+                       "pareto_front.png")
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
     return res
