@@ -398,6 +398,8 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> dict:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--model", default="toy", help="alias or directory (default: the shipped toy model)")
@@ -407,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the searches repeatable)")
     ap.add_argument("--from-json", default=None, metavar="SWEEP_JSON",
                     help="only re-render sweep.md and the PNGs from an earlier sweep.json (no model is run)")
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
@@ -422,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from schedsearch.toy import HELDOUT_SEED, write_dataset
 
     preset = PRESETS[args.preset]
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, **load_kwargs(args.device, args.dtype))
     calibration = load_manifest(args.calibration or _default_calibration(args.model))
     command = "python studies/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", module="optuna")
