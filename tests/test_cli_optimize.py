@@ -75,6 +75,9 @@ def test_config_directory_and_out_of_range_preset(tmp_path, manifest):
     cfg.write_text("[study]\nbudget = 0.2\ntrials = 0\n")
     rc, errs, raw = _run(["--config", str(cfg), "--calibration", str(manifest)], tmp_path)
     assert rc == 2 and len(errs) == 1 and "trials=0 is out of range" in errs[0], raw
+    cfg.write_text('[study]\nbudget = 0.2\ndtype = "int8"\n')  # presets take device/dtype like the flags
+    rc, errs, raw = _run(["--config", str(cfg), "--calibration", str(manifest)], tmp_path)
+    assert rc == 2 and len(errs) == 1 and "--dtype 'int8' is not supported" in errs[0], raw
     assert not (tmp_path / ".schedsearch").exists()  # refused before any study was created
 
 
