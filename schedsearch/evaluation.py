@@ -7,8 +7,8 @@
 * discrepancy: mean over samples of ``1 - cos(h, h_pruned)`` where ``h`` is the last token's
   final-norm hidden state (VFlowOpt, arXiv 2508.05211, Sec. 3.4 maximises the cosine; we minimise
   its complement);
-* prefill time: median wall time of a full forward (vision encoder + decoder, ``use_cache=False``)
-  with and without the schedule, interleaved so drift hits both alike.
+* prefill time: mean wall time of a full forward (vision encoder + decoder, ``use_cache=False``) with and
+  without the schedule, timed by ``torch.utils.benchmark.Timer`` (warm-up, accelerator synchronization).
 
 Samples are batched only with samples that have the same number of visual tokens (the runtime's
 requirement), left-padded by the adapter's processor.
@@ -16,8 +16,6 @@ requirement), left-padded by the adapter's processor.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -101,28 +99,32 @@ def cosine_discrepancy(ref: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(ref.float(), pruned.float(), dim=-1)
 
 
-@torch.no_grad()
 def time_prefill(adapter: Any, batches: Sequence[Any], schedule: Any, repeats: int = 3) -> tuple[float, float]:
-    """Median ms of one pass over all batches, unpruned and pruned (interleaved, one warm-up each)."""
+    """Mean ms of one pass over all batches, unpruned and pruned.
+
+    Each is measured by ``torch.utils.benchmark.Timer``: two warm-up passes, then ``repeats`` timed passes,
+    with the accelerator synchronized before each clock read (CUDA kernels run asynchronously, so a plain
+    ``perf_counter`` around a GPU forward measures the launch, not the work) and the caller's thread count.
+    """
+    from torch.utils.benchmark import Timer
+
     model = adapter.model
 
-    def one_pass(sched: Any) -> float:
-        t0 = time.perf_counter()
+    @torch.no_grad()
+    def one_pass(sched: Any) -> None:
         for b in batches:
             if sched is None:
                 model(**b, use_cache=False, logits_to_keep=1)
             else:
                 with apply_schedule(model, sched, adapter=adapter):
                     model(**b, use_cache=False, logits_to_keep=1)
-        return (time.perf_counter() - t0) * 1e3
 
-    one_pass(None)
-    one_pass(schedule)
-    full, pruned = [], []
-    for _ in range(max(1, repeats)):
-        full.append(one_pass(None))
-        pruned.append(one_pass(schedule))
-    return statistics.median(full), statistics.median(pruned)
+    def measure(sched: Any) -> float:
+        timer = Timer(stmt="one_pass(sched)", globals={"one_pass": one_pass, "sched": sched},
+                      num_threads=torch.get_num_threads())
+        return timer.timeit(number=max(1, int(repeats))).mean * 1e3
+
+    return measure(None), measure(schedule)
 
 
 def evaluate_schedule(adapter: Any, schedule: Any, samples: Sequence[Any], *, batch_size: int = 8,
@@ -167,7 +169,7 @@ def survival_grid(adapter: Any, schedule: Any, images: list, prompt: str) -> Any
         kept = {l: idx[0] for l, idx in handle.kept_indices.items()}
     alive = torch.ones(n_layers, len(vis_pos))
     for l, idx in kept.items():
-        alive[l] = torch.isin(vis_pos, idx).float()
+        alive[l] = torch.isin(vis_pos, idx).float().cpu()
     frac = alive.mean(0).numpy()
     coords = adapter.visual_coords(batch)[0].cpu().numpy()
     first = coords[:, 0] == 0

@@ -5,10 +5,19 @@ with :meth:`schedsearch.tracking.Tracker.log_figure`. matplotlib is imported on 
 :class:`~schedsearch.tracking.TrackingUnavailableError` says which extra to install.
 
 - :func:`keep_ratio_plot` — cumulative keep ratio of visual tokens per decoder layer, one line per schedule.
-- :func:`history_plot` — objective per trial and the best so far.
-- :func:`pareto_plot` — discrepancy vs achieved FLOPs ratio for every trial, the non-dominated front marked.
-- :func:`overlay_plot` — which visual tokens (grid cells) were kept, drawn over a calibration image.
-- :func:`curves_plot` — one line per series through its (x, y) points, e.g. accuracy vs achieved FLOPs per method.
+- :func:`history_plot` — objective per trial and the best so far (an Optuna study: Optuna's own plot, infeasible
+  trials greyed).
+- :func:`importance_plot` — Optuna's hyperparameter importances of a study.
+- :func:`pareto_plot` — discrepancy vs achieved FLOPs ratio for every trial, the non-dominated front marked (an Optuna
+  study: Optuna's own Pareto-front plot).
+- :func:`overlay_plot` — the calibration image beside the same image with each visual token's survival as a heat map
+  and a colour bar.
+- :func:`curves_plot` — one line per series through its (x, y[, y error]) points, e.g. accuracy vs achieved FLOPs per
+  method with its standard error; distinct line styles so overlapping curves stay apart.
+
+Every figure is drawn at :data:`DPI` (150) with labelled axes (units and the objective's name) and a title that
+carries the budget where there is one. Optuna's plots (``optuna.visualization.matplotlib``) are used where they
+draw the picture; they are made on pyplot figures, which :meth:`Tracker.log_figure` closes.
 """
 
 from __future__ import annotations
@@ -17,9 +26,17 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["curves_plot", "history_plot", "keep_ratio_plot", "overlay_plot", "pareto_front", "pareto_plot"]
+__all__ = ["DPI", "OBJECTIVE_LABEL", "curves_plot", "history_plot", "importance_plot", "keep_ratio_plot",
+           "overlay_plot", "pareto_front", "pareto_plot"]
 
 _SIZE = (6.4, 4.0)
+#: resolution of every figure (and of the PNGs logged to MLflow)
+DPI = 150
+#: the search objective as an axis label
+OBJECTIVE_LABEL = "1 - cos(h, h_pruned), last token (search split)"
+_KIND_LABELS = {"flops": "FLOPs", "kv": "KV cache", "tokens": "tokens"}
+#: line styles cycled with the colours, so curves that overlap stay distinguishable (also in grey print)
+_STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 
 def _figure(size: tuple[float, float] = _SIZE) -> Any:
@@ -30,40 +47,81 @@ def _figure(size: tuple[float, float] = _SIZE) -> Any:
         from schedsearch.tracking import TrackingUnavailableError
 
         raise TrackingUnavailableError(f"plots need matplotlib ({exc}): pip install \"schedsearch[search]\"") from None
-    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def keep_ratio_plot(schedules: Mapping[str, Sequence[float]], title: str | None = None) -> Any:
+def keep_ratio_plot(schedules: Mapping[str, Sequence[float]], title: str | None = None,
+                    budget: str | None = None) -> Any:
     """Keep ratio per decoder layer (a step line: the ratio holds for the whole layer), one line per schedule.
 
     ``schedules`` maps a label ("searched", "fastv", ...) to its per-layer keep ratios; the legend shows each
-    schedule's mean keep ratio (the token average over layers).
+    schedule's mean keep ratio (the token average over layers). ``budget`` (e.g. ``"FLOPs <= 0.2"``) goes in the
+    title.
     """
     fig = _figure()
     ax = fig.add_subplot()
     n_max = 1
-    for label, ratios in schedules.items():
+    for i, (label, ratios) in enumerate(schedules.items()):
         r = [float(x) for x in ratios]
         if not r:
             continue
         n_max = max(n_max, len(r))
         xs = list(range(len(r) + 1))
-        ax.step(xs, r + r[-1:], where="post", label=f"{label} (mean {sum(r) / len(r):.3f})", linewidth=1.8)
+        ax.step(xs, r + r[-1:], where="post", label=f"{label} (mean {sum(r) / len(r):.3f})", linewidth=1.8,
+                linestyle=_STYLES[i % len(_STYLES)])
     ax.set_xlim(0, n_max)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("visual tokens kept (fraction)")
-    ax.set_title(title or "Keep ratio per layer")
+    ax.set_xlabel("decoder layer (index)")
+    ax.set_ylabel("visual tokens kept (fraction of the image's tokens)")
+    ax.set_title(title or ("Keep ratio per layer" + (f" at {budget}" if budget else "")))
     ax.grid(True, alpha=0.3)
     if schedules:
         ax.legend(loc="upper right", fontsize="small")
     return fig
 
 
-def history_plot(values: Sequence[float | None], direction: str = "minimize", title: str | None = None) -> Any:
-    """Objective value per trial (dots) and the best so far (line). ``None``/NaN values (failed trials) are skipped."""
+def _optuna_figure(draw: Any, study: Any, title: str | None, **kw: Any) -> Any:
+    """Run an ``optuna.visualization.matplotlib`` function quietly (it is experimental) and return its Figure."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = draw(study, **kw)
+    ax = ax[0] if isinstance(ax, list | tuple) or getattr(ax, "ndim", 0) else ax
+    fig = ax.figure
+    fig.set_dpi(DPI)
+    fig.set_size_inches(7.2, 4.5)
+    if title:
+        for loc in ("left", "right"):  # Optuna titles some plots on the left: one title only
+            ax.set_title("", loc=loc)
+        ax.set_title(title)
+    if ax.get_legend() is not None:  # Optuna puts it outside the axes, which squeezes them: inside instead
+        ax.legend(loc="best", fontsize="small")
+    from schedsearch.tracking import PARAM_LABELS
+
+    ticks = ax.get_yticklabels()  # parameter names as the README writes them (importances: one per bar)
+    if any(tk.get_text() in PARAM_LABELS for tk in ticks):
+        ax.set_yticks(ax.get_yticks(), [PARAM_LABELS.get(tk.get_text(), tk.get_text()) for tk in ticks])
+    fig.tight_layout()
+    return fig
+
+
+def history_plot(values: Any, direction: str = "minimize", title: str | None = None,
+                 target_name: str = OBJECTIVE_LABEL) -> Any:
+    """Objective value per trial (dots) and the best so far (line).
+
+    ``values``: an Optuna study (drawn by ``optuna.visualization.matplotlib.plot_optimization_history``: infeasible
+    trials greyed, the best-so-far line over feasible ones) or a plain sequence of values (``None``/NaN = failed
+    trials, skipped).
+    """
+    if hasattr(values, "trials"):
+        from optuna.visualization.matplotlib import plot_optimization_history
+
+        return _optuna_figure(plot_optimization_history, values, title, target_name=target_name)
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
     fig = _figure()
@@ -80,14 +138,22 @@ def history_plot(values: Sequence[float | None], direction: str = "minimize", ti
         best.append(cur)
     ax.plot(xs, ys, "o", markersize=3.5, alpha=0.6, label="trial")
     ax.step(xs, best, where="post", color="C3", linewidth=1.8, label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective")
+    ax.set_xlabel("trial (number)")
+    ax.set_ylabel(target_name)
     ax.set_title(title or "Optimization history")
     if ys and min(ys) > 0 and max(ys) / min(ys) > 100:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     return fig
+
+
+def importance_plot(study: Any, title: str | None = None, target_name: str = OBJECTIVE_LABEL) -> Any:
+    """Optuna's hyperparameter importances (fANOVA) of the study's searched parameters; needs >= 2 completed
+    trials and >= 1 parameter."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    return _optuna_figure(plot_param_importances, study, title, target_name=target_name)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -103,14 +169,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-def pareto_plot(points: Sequence[tuple[float, float]], front: Sequence[tuple[float, float]] | None = None,
-                budgets: Sequence[float] = (), title: str | None = None) -> Any:
-    """Discrepancy (y) vs achieved FLOPs ratio (x) of every trial, with the Pareto front.
+def pareto_plot(points: Any, front: Sequence[tuple[float, float]] | None = None,
+                budgets: Sequence[float] = (), title: str | None = None, kind: str = "FLOPs") -> Any:
+    """Discrepancy (y) vs achieved budget ratio (x) of every trial, with the Pareto front.
 
-    Points are ``(discrepancy, flops_ratio)`` — the order of a two-objective study's ``trial.values``. ``front``
-    defaults to the non-dominated subset of ``points`` (:func:`pareto_front`). ``budgets`` draws the requested
+    ``points``: a two-objective Optuna study (drawn by ``optuna.visualization.matplotlib.plot_pareto_front``, the
+    budget on x) or ``(discrepancy, ratio)`` pairs — the order of such a study's ``trial.values``. ``front``
+    defaults to the non-dominated subset of the pairs (:func:`pareto_front`). ``budgets`` draws the requested
     budgets as vertical dashed lines.
     """
+    kind = _KIND_LABELS.get(kind, kind)
+    names = [OBJECTIVE_LABEL, f"achieved {kind} ratio (pruned / unpruned prefill)"]
+    if hasattr(points, "trials"):
+        from optuna.visualization.matplotlib import plot_pareto_front
+
+        head = title or f"Pareto front, requested budgets {', '.join(map(str, budgets))}"
+        fig = _optuna_figure(plot_pareto_front, points, head, target_names=names[::-1],
+                             targets=lambda t: (t.values[1], t.values[0]))
+        ax = fig.axes[0]
+        for i, b in enumerate(budgets):
+            ax.axvline(float(b), color="0.4", linestyle="--", linewidth=1, label="requested budget" if i == 0 else None)
+        if budgets:
+            ax.legend(fontsize="small")
+        return fig
     fig = _figure()
     ax = fig.add_subplot()
     pts = [(float(d), float(f)) for d, f in points]
@@ -123,30 +204,39 @@ def pareto_plot(points: Sequence[tuple[float, float]], front: Sequence[tuple[flo
         ax.plot([f for _, f in fr], [d for d, _ in fr], "o", color="C3", markersize=5, label="Pareto front")
     for i, b in enumerate(budgets):
         ax.axvline(float(b), color="0.4", linestyle="--", linewidth=1, label="requested budget" if i == 0 else None)
-    ax.set_xlabel("achieved FLOPs ratio (pruned / unpruned prefill)")
-    ax.set_ylabel("discrepancy (1 - cos)")
-    ax.set_title(title or "Discrepancy vs FLOPs")
+    ax.set_xlabel(names[1])
+    ax.set_ylabel(names[0])
+    ax.set_title(title or f"Discrepancy vs {kind}")
     ax.grid(True, alpha=0.3)
     if pts or fr:
         ax.legend(loc="upper right", fontsize="small")
     return fig
 
 
-def curves_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, xlabel: str, ylabel: str,
+def curves_plot(series: Mapping[str, Sequence[Sequence[float]]], *, xlabel: str, ylabel: str,
                 title: str | None = None, reference: Mapping[str, float] | None = None, logy: bool = False) -> Any:
-    """One line with markers per series through its ``(x, y)`` points, sorted by x (non-finite points skipped).
+    """One line with markers per series through its ``(x, y)`` or ``(x, y, y_error)`` points, sorted by x.
 
-    For sweeps, e.g. accuracy (y) vs achieved FLOPs ratio (x) with one series per method. ``reference`` draws
-    labelled horizontal dashed lines (e.g. ``{"unpruned": 0.71}``); ``logy`` uses a log y axis.
+    For sweeps, e.g. accuracy (y, with its standard error as error bars) vs achieved FLOPs ratio (x) with one series
+    per method. Each series has its own marker and line style, so curves that overlap stay distinguishable.
+    Non-finite points are skipped. ``reference`` draws labelled horizontal dashed lines (e.g. ``{"unpruned":
+    0.71}``); ``logy`` uses a log y axis.
     """
-    fig = _figure()
+    fig = _figure((7.2, 4.5))
     ax = fig.add_subplot()
     markers = "osD^vP*Xh<>"
     for i, (label, pts) in enumerate(series.items()):
-        xy = sorted((float(x), float(y)) for x, y in pts if math.isfinite(float(x)) and math.isfinite(float(y)))
-        if xy:
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker=markers[i % len(markers)], markersize=4.5,
-                    linewidth=1.5, label=label)
+        rows = sorted(tuple(float(v) for v in p) for p in pts if all(math.isfinite(float(v)) for v in p[:2]))
+        if not rows:
+            continue
+        xs, ys = [r[0] for r in rows], [r[1] for r in rows]
+        err = [r[2] if len(r) > 2 and math.isfinite(r[2]) else 0.0 for r in rows]
+        style = dict(marker=markers[i % len(markers)], markersize=4.5, linewidth=1.5,
+                     linestyle=_STYLES[i % len(_STYLES)], label=label)
+        if any(err):
+            ax.errorbar(xs, ys, yerr=err, capsize=2.5, elinewidth=0.9, **style)
+        else:
+            ax.plot(xs, ys, **style)
     for j, (label, y) in enumerate((reference or {}).items()):
         ax.axhline(float(y), color=str(0.3 + 0.2 * j), linestyle="--", linewidth=1, label=label)
     if reference:  # keep the reference lines in view
@@ -179,59 +269,90 @@ def _as_grid(cells: Any) -> Any | None:
     return grid
 
 
-def overlay_plot(image: Any, kept_cells: Any, title: str | None = None) -> Any:
-    """Kept visual tokens drawn over a calibration image; pruned areas are darkened.
+def overlay_plot(image: Any, kept_cells: Any, title: str | None = None, budget: str | None = None) -> Any:
+    """The calibration image (left) beside the same image with the kept visual tokens drawn over it (right).
 
     ``kept_cells`` is either
     - a 2-D grid (numpy array, tensor or nested lists) of shape (H, W) over the image's token grid: booleans
-      (True = kept) or floats in [0, 1] (e.g. the fraction of layers a token survived), stretched over the image;
+      (True = kept) or floats in [0, 1] (e.g. the fraction of decoder layers a token survived), drawn as a heat map
+      over a faded grey copy of the image, with a colour bar (readable on dark and light images alike);
     - or a list of ``(x0, y0, x1, y1)`` tuples, the kept cells' boxes, in pixels, or as fractions of the width
-      and height when every coordinate is <= 1.
+      and height when every coordinate is <= 1 (drawn as yellow boxes, the rest dimmed).
+
+    ``budget`` (e.g. ``"FLOPs <= 0.2"``) goes in the title.
     """
     import numpy as np
 
     img = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
     h_px, w_px = img.shape[:2]
     aspect = h_px / max(w_px, 1)
-    fig = _figure((6.0, max(2.5, min(9.0, 6.0 * aspect)) + 0.4))
-    ax = fig.add_subplot()
-    ax.imshow(img, extent=(0, w_px, h_px, 0))
+    fig = _figure((10.0, max(2.8, min(8.0, 4.4 * aspect)) + 0.9))
+    left, right = fig.subplots(1, 2)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    left.imshow(img, extent=(0, w_px, h_px, 0))
+    left.set_title("calibration image", fontsize="medium")
     grid = _as_grid(kept_cells)
     if grid is not None:
-        keep = grid.astype(float)
-        keep = np.clip(keep, 0.0, 1.0)
-        shade = np.zeros(keep.shape + (4,))
-        shade[..., 3] = 0.7 * (1.0 - keep)  # black, opaque where pruned
-        ax.imshow(shade, extent=(0, w_px, h_px, 0), interpolation="nearest")
-        gh, gw = keep.shape
-        for i in range(1, gw):
-            ax.axvline(i * w_px / gw, color="white", linewidth=0.3, alpha=0.4)
-        for j in range(1, gh):
-            ax.axhline(j * h_px / gh, color="white", linewidth=0.3, alpha=0.4)
-        kept_frac = float(keep.mean()) if keep.size else 0.0
-        n_total = keep.size
+        keep = np.clip(grid.astype(float), 0.0, 1.0)
+        grey = img.astype(float).mean(axis=2) if img.ndim == 3 else img.astype(float)
+        right.imshow(grey, cmap="gray", extent=(0, w_px, h_px, 0), alpha=0.55, vmin=0, vmax=255)
+        heat = right.imshow(keep, cmap="viridis", vmin=0.0, vmax=1.0, alpha=0.65, extent=(0, w_px, h_px, 0),
+                            interpolation="nearest")
+        bar = fig.colorbar(heat, ax=right, fraction=0.046, pad=0.03)
+        bar.set_label("fraction of decoder layers the token is kept")
+        detail = f"{keep.size} visual tokens, kept in {keep.mean():.0%} of the decoder layers on average"
     else:
         from matplotlib.patches import Rectangle
 
         boxes = [tuple(float(v) for v in b) for b in kept_cells]
         frac = bool(boxes) and all(0.0 <= v <= 1.0 for b in boxes for v in b)
         sx, sy = (w_px, h_px) if frac else (1.0, 1.0)
+        right.imshow(img, extent=(0, w_px, h_px, 0))
         shade = np.zeros((h_px, w_px, 4))
         shade[..., 3] = 0.7
         for x0, y0, x1, y1 in boxes:
             c0, c1 = int(round(x0 * sx)), int(round(x1 * sx))
             r0, r1 = int(round(y0 * sy)), int(round(y1 * sy))
             shade[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0), 3] = 0.0
-            ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False,
-                                   edgecolor="yellow", linewidth=0.6))
-        ax.imshow(shade, extent=(0, w_px, h_px, 0), interpolation="nearest")
-        kept_frac = float((shade[..., 3] == 0).mean())
-        n_total = None
-    ax.set_xlim(0, w_px)
-    ax.set_ylim(h_px, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    detail = f"{kept_frac:.0%} of the image area kept" if n_total is None else \
-        f"{kept_frac:.0%} of {n_total} visual tokens kept"
-    ax.set_title(title or f"Kept visual tokens ({detail})", fontsize="medium")
+            right.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False,
+                                      edgecolor="yellow", linewidth=0.8))
+        right.imshow(shade, extent=(0, w_px, h_px, 0), interpolation="nearest")
+        detail = f"{float((shade[..., 3] == 0).mean()):.0%} of the image area kept"
+    right.set_xlim(0, w_px)
+    right.set_ylim(h_px, 0)
+    right.set_title(detail, fontsize="small")
+    head = title or "Kept visual tokens"
+    fig.suptitle(head + (f" at {budget}" if budget else ""), fontsize="medium")
     return fig
+
+
+def study_figures(result: Any, schedule: Any = None, adapter: Any = None, sample: Any = None) -> dict[str, Any]:
+    """The figures ``optimize`` logs to the study's MLflow run, by artifact name.
+
+    ``result`` is a search result (``study``, ``best.ratios``, ``baselines``, ``budget``); with ``schedule``,
+    ``adapter`` and a calibration ``sample`` the kept-token overlay is drawn too (when the image's tokens form a
+    grid). Figures Optuna cannot draw for this study (e.g. importances of a study without searched parameters) are
+    left out.
+    """
+    b = result.budget
+    kind = _KIND_LABELS.get(b.get("kind", "flops"), b.get("kind"))
+    budget = f"{kind} <= {b['requested']:g}" if b.get("requested") is not None else None
+    shapes = {"searched": result.best.ratios, **{k: v["ratios"] for k, v in result.baselines.items()}}
+    figs = {"keep_ratio_per_layer.png": keep_ratio_plot(shapes, budget=budget)}
+    study = result.study
+    if any(t.value is not None for t in study.trials if t.values and len(t.values) == 1):
+        figs["optimization_history.png"] = history_plot(study, title=f"Optimization history at {budget}")
+        try:
+            figs["param_importances.png"] = importance_plot(study, title=f"Parameter importances at {budget}")
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials / no searched parameter
+            pass
+    if schedule is not None and adapter is not None and sample is not None:
+        from schedsearch.evaluation import survival_grid
+
+        grid = survival_grid(adapter, schedule, sample.images, sample.prompt)
+        if grid is not None:
+            figs["kept_tokens_overlay.png"] = overlay_plot(sample.images[0], grid, budget=budget,
+                                                           title="Kept visual tokens of the searched schedule")
+    return figs

@@ -583,7 +583,11 @@ class Schedule:
                 ScheduleVersionWarning,
                 stacklevel=3,
             )
-        return cls(**kwargs, extra=extra)
+        schedule = cls(**kwargs, extra=extra)
+        from schedsearch.schedule_structure import check_structure  # jsonschema, imported on first load
+
+        check_structure(data, minor, _parse_version(SCHEMA_VERSION)[1], schedule)
+        return schedule
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Schedule:

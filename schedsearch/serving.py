@@ -84,15 +84,23 @@ def _python_model_class() -> type:
     class ScheduledVLM(mlflow.pyfunc.PythonModel):
         """pyfunc: records of prompt + base64 image(s) -> generated text under the frozen schedule."""
 
-        def __init__(self, model_ref: str):
+        def __init__(self, model_ref: str, device: str = "auto", dtype: str = "auto"):
             self.model_ref = model_ref
+            self.device = device
+            self.dtype = dtype
 
         def load_context(self, context: Any) -> None:
+            import os
+
+            from schedsearch.devices import load_kwargs
             from schedsearch.models import load_model
             from schedsearch.schedule import check_compatible, load_schedule
 
             self.schedule = load_schedule(context.artifacts["schedule"])
-            self.adapter = load_model(self.model_ref)
+            # the serving host decides: $SCHEDSEARCH_DEVICE / $SCHEDSEARCH_DTYPE over what was registered
+            device = os.environ.get("SCHEDSEARCH_DEVICE") or getattr(self, "device", "auto")
+            dtype = os.environ.get("SCHEDSEARCH_DTYPE") or getattr(self, "dtype", "auto")
+            self.adapter = load_model(self.model_ref, **load_kwargs(device, dtype))
             check_compatible(self.schedule, num_layers=self.adapter.num_layers,
                              fingerprint=self.adapter.fingerprint(), family=self.adapter.family)
 
@@ -103,18 +111,34 @@ def _python_model_class() -> type:
     return ScheduledVLM
 
 
-def register(schedule_path: str, name: str, model_ref: str, tracking_uri: str | None = None) -> tuple[str, str]:
-    """Log the pyfunc (schedule as artifact, model reference as state) and register it; returns (name, version)."""
+def register(schedule_path: str, name: str, model_ref: str, tracking_uri: str | None = None, *,
+             device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """Log the pyfunc (schedule as artifact, model reference as state) and register it; returns (name, version).
+
+    ``device``/``dtype`` (``--device``/``--dtype`` values) are where the serving host puts the model unless its
+    ``$SCHEDSEARCH_DEVICE``/``$SCHEDSEARCH_DTYPE`` say otherwise. The tracking store is probed first with a
+    bounded wait, so an unreachable server is one line within seconds (MLflow's own retries take minutes).
+    """
+    import os
     import warnings
 
     mlflow = _mlflow()
     from mlflow.models import infer_signature
 
+    from schedsearch.devices import resolve_dtype
     from schedsearch.schedule import load_schedule
+    from schedsearch.tracking import DEFAULT_TRACKING_URI, TrackingStoreError, check_sqlite_store, find_experiment
 
     sched = load_schedule(schedule_path)
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    resolve_dtype(dtype)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    try:
+        if uri.startswith("sqlite:///"):
+            check_sqlite_store(uri)
+        find_experiment(uri, "schedsearch-serving")
+    except TrackingStoreError as err:
+        raise ServingError(f"cannot register {name!r}: {err}; start the server or pass --tracking-uri") from None
+    mlflow.set_tracking_uri(uri)
     example = [{"prompt": "what is in the image?", "image": ""}]
     import pandas as pd
 
@@ -126,7 +150,7 @@ def register(schedule_path: str, name: str, model_ref: str, tracking_uri: str | 
         with mlflow.start_run(run_name=f"export-{name}") as run:
             mlflow.set_tags({"schedsearch.model_ref": model_ref, "schedsearch.family": sched.model.family,
                              "schedsearch.budget": f"{sched.budget.kind}={sched.budget.requested}"})
-            info = mlflow.pyfunc.log_model(name="model", python_model=cls(model_ref),
+            info = mlflow.pyfunc.log_model(name="model", python_model=cls(model_ref, device, dtype),
                                            artifacts={"schedule": str(schedule_path)}, signature=signature,
                                            registered_model_name=name)
     version = getattr(info, "registered_model_version", None)

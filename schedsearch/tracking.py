@@ -23,6 +23,14 @@ Design notes:
   next to the database (``path/mlruns/<experiment>``) instead of ``./mlruns``.
 - ``import schedsearch.tracking`` is cheap; mlflow is imported on first use. Without it a
   :class:`TrackingUnavailableError` says which extra to install.
+- What the MLflow UI shows: a child run per trial with the trial's real start and end time, its metric named
+  for what it is (``study.set_metric_names``, e.g. ``one_minus_cos``) and the README's parameter names
+  (:data:`PARAM_LABELS`); the parent run carries the same metric as the *best value so far* at every step (so
+  the runs table shows the best, its chart the best-so-far curve), the budget as tag ``schedsearch.budget`` and a
+  description (``mlflow.note.content``) naming the study and, once written, the schedule file.
+- Why not ``optuna_integration.MLflowCallback``: it uses MLflow's fluent API (a process-global active run), logs
+  one top-level run per trial (no parent run shared by workers, no resume of a KILLED study under the same
+  parent, no backfill of trials committed but not logged), and has no fallback when the server is unreachable.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ from typing import Any
 from schedsearch.errors import SchedsearchError
 
 __all__ = [
-    "DEFAULT_TRACKING_URI", "Tracker", "TrackingUnavailableError", "TrackingWarning", "flatten_params",
-    "optuna_callback",
+    "DEFAULT_TRACKING_URI", "PARAM_LABELS", "Tracker", "TrackingUnavailableError", "TrackingWarning",
+    "flatten_params", "optuna_callback", "set_constraint",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -56,6 +64,9 @@ _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params/tags per log_batch (MLflow's limit; metrics allow 1000)
 
+#: Optuna parameter name -> the name the README and the MLflow UI use for it (display only: the study keeps its own)
+PARAM_LABELS = {"phi": "floor"}
+
 
 class TrackingUnavailableError(SchedsearchError, ImportError):
     """mlflow (or matplotlib for figures) is not installed."""
@@ -63,6 +74,96 @@ class TrackingUnavailableError(SchedsearchError, ImportError):
 
 class TrackingWarning(UserWarning):
     """Tracking degraded (unreachable server -> local store; logging switched off after an error)."""
+
+
+class TrackingStoreError(SchedsearchError):
+    """A tracking store that cannot be used: unreachable server, unreadable or unwritable sqlite file."""
+
+
+#: Longest wait for a database tracking store (PostgreSQL, MySQL) to answer: MLflow itself retries ~100 s
+STORE_TIMEOUT_S = 60.0
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def home_store_uri() -> str:
+    """The per-user fallback store: ``$SCHEDSEARCH_HOME/mlflow.db``, else ``$XDG_DATA_HOME/schedsearch``, else
+    ``~/.local/share/schedsearch`` (where the schedule library lives), used when the working directory's store is
+    broken."""
+    home = os.environ.get("SCHEDSEARCH_HOME")
+    if not home:
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        home = str(Path(base) / "schedsearch")
+    return f"sqlite:///{Path(home).expanduser().resolve() / 'mlflow.db'}"
+
+
+def check_sqlite_store(uri: str, write: bool = True) -> None:
+    """Open a ``sqlite:///`` store with the standard library first, so a broken file is one line within seconds.
+
+    MLflow retries a database it cannot open 10 times with exponential back-off (~100 s, two warning lines per
+    retry) and reports a corrupt file as a schema error. Here: a missing file is fine (MLflow creates it) when its
+    folder can be written; a directory, a corrupt file (``file is not a database``) or a read-only file or folder
+    (``attempt to write a readonly database``; ``write=False`` skips that check) raise TrackingStoreError naming
+    the file and sqlite's own reason.
+    """
+    import sqlite3
+
+    raw = uri[len("sqlite:///"):]
+    path = Path(raw.split("?", 1)[0])
+    if raw in ("", ":memory:") or raw.startswith("file:"):
+        return
+    if path.is_dir():
+        raise TrackingStoreError(f"tracking store {path} is a directory, not an sqlite file")
+    if not path.exists():
+        parent = path.parent if str(path.parent) else Path(".")
+        probe = parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise TrackingStoreError(f"tracking store {path}: {probe} is not a directory")
+        if write and not os.access(probe, os.W_OK | os.X_OK):
+            raise TrackingStoreError(f"tracking store {path} cannot be created: {probe} is not writable")
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode={'rw' if write else 'ro'}", uri=True, timeout=5)
+    except sqlite3.Error as exc:
+        raise TrackingStoreError(f"tracking store {path} cannot be opened: {_one_line(exc)}") from None
+    try:
+        con.execute("PRAGMA schema_version").fetchone()  # reads the header: 'file is not a database'
+        if write:
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: 'attempt to write a readonly database'
+            con.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise TrackingStoreError(f"tracking store {path} cannot be used: {_one_line(exc)}") from None
+    finally:
+        con.close()
+
+
+def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``fn()`` in a daemon thread; TrackingStoreError when it has not returned within ``timeout_s`` seconds.
+
+    For store calls that can block far longer than a user waits (a database host that drops packets, MLflow's
+    retry loops): the caller gets one line and goes on; the abandoned thread ends with the process.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True, name=f"schedsearch-{what}")
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TrackingStoreError(f"{what}: no answer within {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def _mlflow() -> Any:
@@ -96,12 +197,12 @@ def _env(**values: str) -> Iterator[None]:
 
 @contextmanager
 def _quiet_db_logs() -> Iterator[None]:
-    """MLflow logs two INFO lines when it creates/migrates a sqlite store; keep the CLI output clean."""
+    """MLflow logs INFO lines when it creates/migrates a sqlite store and a warning per retry; keep them out."""
     names = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
+    for lg in loggers:  # ERROR: MLflow's "will be retried" warnings are not the user's business (bounded below)
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -194,26 +295,35 @@ class Tracker:
         self._lock = threading.Lock()
         self._ended = False
         self._warned_error = False
-        try:
-            self._client, self.experiment_id = self._connect(mlflow, self.requested_uri)
-            self.tracking_uri = self.requested_uri
-        except Exception as exc:
-            if self.requested_uri == DEFAULT_TRACKING_URI:
-                raise
-            reason = " ".join(str(exc).split())
-            if len(reason) > 160:
-                reason = reason[:157] + "..."
-            _warn(f"tracking URI {self.requested_uri} is unreachable ({type(exc).__name__}: {reason}); "
-                  f"the study goes on and logs to the local store {DEFAULT_TRACKING_URI} "
-                  f"(see it with: schedsearch ui)")
+        self._client: Any = None
+        self.experiment_id = ""
+        self.tracking_uri = self.requested_uri
+        first_error: Exception | None = None
+        for uri in dict.fromkeys([self.requested_uri, DEFAULT_TRACKING_URI, home_store_uri()]):
+            try:
+                self._client, self.experiment_id = self._connect(mlflow, uri)
+                self.tracking_uri = uri
+                break
+            except Exception as exc:  # noqa: BLE001 - every store problem degrades to the next store
+                first_error = first_error or exc
+        else:
+            self.enabled = False
+            _warn(f"tracking URI {self.requested_uri} cannot be used ({type(first_error).__name__}: "
+                  f"{_one_line(first_error)}) and neither can the local stores {DEFAULT_TRACKING_URI} and "
+                  f"{home_store_uri()}; tracking is off for this study, which goes on")
+            return
+        if self.tracking_uri != self.requested_uri:
             self.fell_back = True
-            self.tracking_uri = DEFAULT_TRACKING_URI
-            self._client, self.experiment_id = self._connect(mlflow, DEFAULT_TRACKING_URI)
+            what = "is unreachable" if self.requested_uri.startswith(("http://", "https://")) else "cannot be used"
+            _warn(f"tracking URI {self.requested_uri} {what} ({type(first_error).__name__}: "
+                  f"{_one_line(first_error)}); the study goes on and logs to the local store {self.tracking_uri} "
+                  f"(see it with: schedsearch ui --tracking-uri {self.tracking_uri})")
 
     # -- connection ----------------------------------------------------------------------------------------
     def _connect(self, mlflow: Any, uri: str) -> tuple[Any, str]:
         artifact_location = None
         if uri.startswith("sqlite:///"):
+            check_sqlite_store(uri)  # seconds, not MLflow's ~100 s of retries, for a broken file
             db = Path(uri[len("sqlite:///"):])
             if str(db) not in ("", ":memory:"):
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +334,12 @@ class Tracker:
         if uri.startswith(("http://", "https://")):
             env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+        if uri.startswith(("http://", "https://", "sqlite:")):  # bounded by the probe settings / checked above
+            return self._open(mlflow, uri, env, artifact_location)
+        return bounded(lambda: self._open(mlflow, uri, env, artifact_location), STORE_TIMEOUT_S,
+                       f"tracking store {uri.split('@')[-1]}")
+
+    def _open(self, mlflow: Any, uri: str, env: dict, artifact_location: str | None) -> tuple[Any, str]:
         with _env(**env), _quiet_db_logs():
             client = mlflow.MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(self.experiment)
@@ -287,7 +403,12 @@ class Tracker:
         starts a new parent run with tag ``schedsearch.resumed_from``.
         """
         flat = flatten_params(params)
-        all_tags = {"schedsearch.study": name, "mlflow.runName": name}
+        all_tags = {"schedsearch.study": name, "mlflow.runName": name,
+                    "mlflow.note.content": _describe(name, params)}
+        if params.get("budget") is not None:
+            all_tags["schedsearch.budget"] = f"{params.get('budget_kind', 'flops')} <= {params['budget']}"
+        self._params = dict(params)
+        self._name = name
         if self.fell_back:
             all_tags["schedsearch.requested_tracking_uri"] = self.requested_uri
         all_tags.update({_sanitize_key(k): str(v) for k, v in (tags or {}).items()})
@@ -331,7 +452,7 @@ class Tracker:
         rid = self._require_run()
         try:
             if self.enabled:
-                self._client.log_figure(rid, fig, name, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+                self._client.log_figure(rid, fig, name, save_kwargs={"dpi": 150, "bbox_inches": "tight"})
         except Exception as exc:
             self._failed(f"logging figure {name}", exc)
         finally:
@@ -345,10 +466,14 @@ class Tracker:
             return
         m = {_sanitize_key(k): v for k, v in ((k, _numeric(v)) for k, v in metrics.items()) if v is not None}
         rid = self._require_run()
+        tags = {}
+        if params and params.get("schedule_path"):
+            tags["mlflow.note.content"] = _describe(getattr(self, "_name", ""), getattr(self, "_params", {}),
+                                                    schedule=str(params["schedule_path"]), metrics=m)
         try:
             old = self._client.get_run(rid).data.params if params else {}
             p = {k: v for k, v in flatten_params(params or {}).items() if k not in old}
-            self._log_batch(rid, params=p, metrics=m)
+            self._log_batch(rid, params=p, metrics=m, tags=tags)
         except Exception as exc:
             self._failed("logging the study summary", exc)
 
@@ -400,12 +525,16 @@ class Tracker:
             return None
 
     def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, Any],
-                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str | None:
+                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED", *,
+                  start_ms: int | None = None, end_ms: int | None = None,
+                  parent_metrics: Mapping[str, Any] | None = None) -> str | None:
         """Record one finished trial as a child run of the study's run; return the child run id.
 
         ``params`` are flattened to strings; ``metrics`` keep their numeric entries (others are dropped).
-        The parent also gets metric ``objective`` (from ``metrics["value"]`` when present) at step ``number``
-        so its chart shows the optimization history. Errors are warned about once and switch tracking off.
+        ``start_ms``/``end_ms`` (epoch milliseconds) are the trial's own times, so the UI shows when it ran and
+        how long it took. ``parent_metrics`` go to the parent run at step ``number`` (the best value so far);
+        without them the parent gets metric ``objective`` from ``metrics["value"]``. Errors are warned about once
+        and switch tracking off.
         """
         if not self.enabled:
             return None
@@ -417,12 +546,16 @@ class Tracker:
         with self._lock:
             try:
                 run = self._client.create_run(self.experiment_id, run_name=f"trial-{int(number):04d}",
-                                              tags=all_tags)
+                                              tags=all_tags, start_time=start_ms)
                 cid = run.info.run_id
                 self._log_batch(cid, params=flat, metrics=m, step=int(number))
-                self._client.set_terminated(cid, status=status)
-                if "value" in m and math.isfinite(m["value"]):
-                    self._log_batch(parent, metrics={"objective": m["value"]}, step=int(number))
+                self._client.set_terminated(cid, status=status, end_time=end_ms)
+                if parent_metrics is None and "value" in m:
+                    parent_metrics = {"objective": m["value"]}
+                pm = {_sanitize_key(k): v for k, v in ((k, _numeric(v)) for k, v in (parent_metrics or {}).items())
+                      if v is not None and math.isfinite(v)}
+                if pm:
+                    self._log_batch(parent, metrics=pm, step=int(number))
                 return cid
             except Exception as exc:
                 self._failed(f"logging trial {number}", exc)
@@ -435,9 +568,7 @@ def _trial_metrics(study: Any, trial: Any) -> dict[str, float]:
     if values:
         names = getattr(study, "metric_names", None)
         if len(values) == 1:
-            metrics["value"] = values[0]
-            if names:
-                metrics[names[0]] = values[0]
+            metrics[names[0] if names else "value"] = values[0]
         else:
             for i, v in enumerate(values):
                 metrics[names[i] if names else f"value_{i}"] = v
@@ -450,32 +581,97 @@ def _trial_metrics(study: Any, trial: Any) -> dict[str, float]:
     return metrics
 
 
-def optuna_callback(tracker: Tracker, extra_metrics_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None
-                    ) -> Callable[[Any, Any], None]:
+def _ms(when: Any) -> int | None:
+    return None if when is None else int(when.timestamp() * 1000)
+
+
+def _best_so_far(study: Any) -> dict[str, float]:
+    """The study's best value under its metric's name (single objective; feasible trials when constrained)."""
+    if len(study.directions) != 1:
+        return {}
+    try:
+        best = study.best_value
+    except ValueError:  # no completed (feasible) trial yet
+        return {}
+    names = getattr(study, "metric_names", None)
+    return {names[0] if names else "objective": best}
+
+
+def _name_metrics(study: Any, names: list[str]) -> None:
+    """``study.set_metric_names`` once (Optuna stores it with the study; optuna-dashboard labels its axes by it)."""
+    if getattr(study, "metric_names", None) or len(names) != len(study.directions):
+        return
+    try:
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(names))
+    except Exception:  # noqa: BLE001 - a label is never worth stopping a study
+        pass
+
+
+def optuna_callback(tracker: Tracker, extra_metrics_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None,
+                    metric_names: list[str] | None = None) -> Callable[[Any, Any], None]:
     """A ``study.optimize(callbacks=[...])`` callback logging each finished trial as a child run.
 
-    Logged: the trial's params; its value (``value``, or ``value_i`` / ``study.metric_names`` for several
-    objectives); numeric ``user_attrs`` (one-element sequences such as a constraint tuple included) as
-    metrics; other user attrs as params ``attr.<key>`` (lists flattened to strings); ``extra_metrics_fn(study,
-    trial)`` entries as metrics; the trial state as tag ``optuna.state``. FAIL trials end FAILED, the others
-    FINISHED. The callback never raises on a tracking error (it warns once); it also works when called by hand
-    after ``study.tell`` (ask/tell loops).
+    Logged: the trial's params (renamed by :data:`PARAM_LABELS`); its value under the study's metric name
+    (``metric_names`` are set on the study on first use, e.g. ``["one_minus_cos"]``; without names ``value`` /
+    ``value_i``); numeric ``user_attrs`` (one-element sequences such as a constraint tuple included) as metrics;
+    other user attrs as params ``attr.<key>`` (lists flattened to strings); ``extra_metrics_fn(study, trial)``
+    entries as metrics; the trial state as tag ``optuna.state``; the trial's own start and end times. The
+    parent run gets the study's best value so far under the same metric name. FAIL trials end FAILED, the
+    others FINISHED. The callback never raises on a tracking error (it warns once); it also works when called
+    by hand after ``study.tell`` (ask/tell loops).
     """
 
     def callback(study: Any, trial: Any) -> None:
+        if metric_names:
+            _name_metrics(study, metric_names)
         metrics = _trial_metrics(study, trial)
         if extra_metrics_fn is not None:
             metrics.update(extra_metrics_fn(study, trial) or {})
-        params: dict[str, Any] = dict(trial.params)
+        params: dict[str, Any] = {PARAM_LABELS.get(k, k): v for k, v in trial.params.items()}
         for k, v in trial.user_attrs.items():
             if _numeric(v) is None:
                 params[f"attr.{k}"] = v
         state = getattr(trial.state, "name", str(trial.state))
         tags = {"optuna.state": state, "optuna.study": study.study_name}
         tracker.log_trial(trial.number, params, metrics, tags=tags,
-                          status="FAILED" if state == "FAIL" else "FINISHED")
+                          status="FAILED" if state == "FAIL" else "FINISHED",
+                          start_ms=_ms(trial.datetime_start), end_ms=_ms(trial.datetime_complete),
+                          parent_metrics=_best_so_far(study))
 
     return callback
+
+
+def set_constraint(trial: Any, name: str, value: float) -> None:
+    """``trial.set_constraint(name, value)`` (Optuna 5: system attr ``constraints:<name>``, feasible when <= 0),
+    also stored under the key older readers use (system attr ``constraints``: the list of all of the trial's
+    constraint values in name order), which is where optuna-dashboard 0.21 looks for feasibility."""
+    trial.set_constraint(name, value)
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    values = [float(v) for k, v in sorted(attrs.items()) if k.startswith("constraints:")]
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", values)
+
+
+def _describe(name: str, params: Mapping[str, Any], schedule: str | None = None,
+              metrics: Mapping[str, float] | None = None) -> str:
+    """The parent run's description (MLflow shows it above the run): study, method, budget, schedule file."""
+    parts = [f"schedsearch study **{name}**"]
+    if params.get("method"):
+        parts.append(f"method `{params['method']}`, sampler `{params.get('sampler', '-')}`")
+    if params.get("budget") is not None:
+        parts.append(f"budget: {params.get('budget_kind', 'flops')} <= {params['budget']}")
+    text = "; ".join(parts) + "."
+    if schedule:
+        text += f"\n\nSchedule file: `{schedule}` (also an artifact of this run)."
+        best = (metrics or {}).get("best_search")
+        if best is not None:
+            held = (metrics or {}).get("best_heldout")
+            text += f" Best 1 - cos: {best:.5f} on the search split" + \
+                (f", {held:.5f} held out." if held is not None else ".")
+    return text
 
 
 def _worker_gone(worker: Any, completed: Any, grace_s: float) -> bool:
@@ -520,3 +716,35 @@ def backfill_trials(tracker: Tracker, study: Any, callback: Callable[[Any, Any],
             callback(study, t)
             n += 1
     return n
+
+
+def find_experiment(uri: str, experiment: str = "schedsearch") -> str | None:
+    """The id of ``experiment`` in the store at ``uri`` (read only; None when the store or experiment does not
+    exist yet). A store that cannot be read raises TrackingStoreError in one line, within seconds."""
+    mlflow = _mlflow()
+    if uri.startswith("sqlite:///"):
+        raw = uri[len("sqlite:///"):]
+        if not raw.startswith("file:") and not Path(raw.split("?", 1)[0]).exists():
+            return None
+        check_sqlite_store(uri, write=False)
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+
+    def look() -> str | None:
+        with _env(**env), _quiet_db_logs():
+            exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        return None if exp is None else exp.experiment_id
+
+    try:
+        return bounded(look, STORE_TIMEOUT_S, f"tracking store {uri.split('@')[-1]}")
+    except TrackingStoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any store failure is one line
+        raise TrackingStoreError(f"cannot read the tracking store {uri.split('@')[-1]} "
+                                 f"({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def runs_view_path(experiment_id: str | None) -> str:
+    """The MLflow UI fragment that opens an experiment's runs table (MLflow 3 otherwise opens its GenAI view)."""
+    if experiment_id is None:
+        return "/"
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

@@ -12,23 +12,24 @@ Each keep ratio r is applied from layer 0 (every layer of the reduced stack runs
 tokens: these layers stand for the deep part of a 28-layer model after the drop). Scorer:
 ``uniform`` (and one ``last_token_attention`` row at 0.2 to show the scoring overhead).
 Prints: FLOPs ratio from schedsearch.flops, ideal speed-up 1/FLOPs ratio, measured prefill
-speed-up (median wall time of a forward that fills the KV cache), their ratio, and KV bytes
-measured from the cache tensors against the FLOPs model's prediction.
+speed-up (mean wall time of a forward that fills the KV cache, timed by torch.utils.benchmark), their ratio,
+and KV bytes measured from the cache tensors against the FLOPs model's prediction. ``--device cuda --dtype
+bfloat16`` runs it on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from schedsearch.devices import add_arguments, load_kwargs  # noqa: E402
 from schedsearch.flops import DecoderShape, budget_report, kv_cache_bytes  # noqa: E402
 from schedsearch.models import load_model  # noqa: E402
 from schedsearch.runtime import apply_schedule  # noqa: E402
@@ -36,7 +37,7 @@ from schedsearch.runtime import apply_schedule  # noqa: E402
 KEEPS = (1.0, 0.5, 0.2, 0.1)
 
 
-def real_width_adapter(n_layers: int):
+def real_width_adapter(n_layers: int, **where):
     """Qwen2.5-VL-7B text shapes, reduced depth, saved and reloaded through load_model (same path as a checkpoint)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -60,7 +61,7 @@ def real_width_adapter(n_layers: int):
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.save_pretrained(tmp)
     del model
-    return load_model(str(tmp), dtype=torch.float32)
+    return load_model(str(tmp), **where)
 
 
 def image_of_tokens(adapter, merged_h: int, merged_w: int):
@@ -78,20 +79,16 @@ def measure(adapter, batch, ratios, scorer: str, repeats: int):
     sched = {"keep_ratios": ratios, "scorer": {"name": scorer, "params": {}}}
 
     def run():
-        t0 = time.perf_counter()
         with apply_schedule(model, sched, adapter=adapter):
-            out = model(**batch, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t0, out
+            return model(**batch, use_cache=True, logits_to_keep=1)
 
-    run()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        t, out = run()
-        times.append(t)
-    cache = out.past_key_values
+    # torch.utils.benchmark: two warm-up runs, the accelerator synchronized around the clock, mean of the repeats
+    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    mean = timer.timeit(number=repeats).mean
+    cache = run().past_key_values
     kv = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
              for layer in cache.layers)
-    return statistics.median(times), kv
+    return mean, kv
 
 
 def bench(name: str, adapter, image, prompt: str, repeats: int) -> list[dict]:
@@ -122,7 +119,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args()
+    where = load_kwargs(args.device, args.dtype)
     repeats = args.repeats or (1 if args.quick else 3)
     layers = args.layers or (2 if args.quick else 4)
     torch.manual_seed(0)
@@ -132,9 +131,9 @@ def main() -> None:
     rows = []
     tiny_dir = Path(tempfile.mkdtemp(prefix="benchtiny-"))
     make_tiny("qwen2_5_vl", tiny_dir)
-    tiny = load_model(str(tiny_dir), dtype=torch.float32)
+    tiny = load_model(str(tiny_dir), **where)
     rows += bench("tiny qwen2.5-vl", tiny, image_of_tokens(tiny, 16, 16), "what is in the image?", max(repeats, 5))
-    big = real_width_adapter(layers)
+    big = real_width_adapter(layers, **where)
     rows += bench(f"qwen2.5-vl-7b shapes x{layers} layers", big, image_of_tokens(big, 28, 36),
                   "describe every object in this picture and where it is, in detail please", repeats)
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--calibration", default=None)
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--samplers", default="gp,botorch,tpe")
     ap.add_argument("--seed", type=int, default=0)
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args()
 
     import optuna
@@ -44,7 +47,7 @@ def main() -> None:
     from schedsearch.search.optimize import StudySettings, run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, **load_kwargs(args.device, args.dtype))
     samples = load_manifest(args.calibration or _default_calibration(args.model))
     obj = Objective(adapter, samples, heldout_fraction=0.25, seed=args.seed,
                     vision_maps=args.method == "vflow")

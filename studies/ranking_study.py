@@ -110,12 +110,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--keep", type=float, nargs="+", default=[0.22, 0.09])
     ap.add_argument("--t", type=float, default=2.0, help="vflow threshold (2 ranks objects first most often)")
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "ranking_study.md"))
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
     import torch
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t0 = time.time()
-    rows = run(load_model(args.model), args.n, args.keep, args.t)
+    rows = run(load_model(args.model, **load_kwargs(args.device, args.dtype)), args.n, args.keep, args.t)
     text = (f"# `python studies/ranking_study.py --n {args.n}` ({time.time() - t0:.0f} s, torch threads "
             f"{torch.get_num_threads()})\n\nSame flat keep ratio at every decoder layer (dropped before layer 0), only "
             f"the ranking changes; {args.n} held-out toy samples of stream `HELDOUT_SEED`.\n\n{table(rows)}\n")

@@ -39,10 +39,13 @@ def tail_share(per_sample, frac: float = 0.05) -> float:
 
 
 def main(argv=None) -> int:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "search_set_size.md"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--large", type=int, default=256, help="size of the larger search set")
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
 
     import torch
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     preset = sweep.PRESETS["full"]
-    adapter = load_model("toy")
+    adapter = load_model("toy", **load_kwargs(args.device, args.dtype))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         heldout = load_manifest(write_dataset(Path(tmp) / "heldout", preset.n_heldout, seed=HELDOUT_SEED))

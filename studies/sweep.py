@@ -349,6 +349,12 @@ def read_table(text: str) -> tuple[dict, list[dict[str, str]]]:
     return head, rows
 
 
+def _std_err(cell: dict) -> float:
+    """Standard error of an accuracy measured on n independent questions: sqrt(p (1 - p) / n)."""
+    n = sum(cell["counts"]["qtype"].values())
+    return (cell["accuracy"] * (1 - cell["accuracy"]) / n) ** 0.5 if n else 0.0
+
+
 def figures(results: dict) -> dict[str, Any]:
     from schedsearch import plots
 
@@ -356,19 +362,23 @@ def figures(results: dict) -> dict[str, Any]:
     methods = list(dict.fromkeys(c["method"] for c in results["cells"]))
     ref = results["reference"]
     out = {
-        "sweep_accuracy.png": plots.curves_plot(
-            {m: [(c["flops_ratio"], c["accuracy"]) for c in ok if c["method"] == m] for m in methods},
-            xlabel="achieved FLOPs ratio (held-out)", ylabel="toy-task accuracy",
-            title="Accuracy vs achieved FLOPs (toy model, held-out)", reference={"unpruned": ref["accuracy"]}),
+        "sweep_accuracy.png": plots.curves_plot(  # error bars: one standard error, sqrt(p (1 - p) / n)
+            {m: [(c["flops_ratio"], c["accuracy"], _std_err(c)) for c in ok if c["method"] == m] for m in methods},
+            xlabel="achieved FLOPs ratio (pruned / unpruned decoder prefill, held-out)",
+            ylabel="exact-match accuracy (fraction, ± 1 s.e.)",
+            title=f"Accuracy vs achieved FLOPs (toy model, {results['meta']['n_heldout']} held-out questions)",
+            reference={"unpruned": ref["accuracy"]}),
         "sweep_discrepancy.png": plots.curves_plot(
             {m: [(c["flops_ratio"], c["discrepancy"]) for c in ok if c["method"] == m] for m in methods},
-            xlabel="achieved FLOPs ratio (held-out)", ylabel="discrepancy (1 - cos)", logy=True,
+            xlabel="achieved FLOPs ratio (pruned / unpruned decoder prefill, held-out)",
+            ylabel="1 - cos(h, h_pruned), last token (held-out mean)", logy=True,
             title="Discrepancy vs achieved FLOPs (toy model, held-out)"),
     }
     for m in methods:
         shapes = {f"FLOPs {c['budget']}": c["keep_ratios"] for c in ok if c["method"] == m}
         if m in SEARCHED and shapes:
-            out[f"sweep_keep_{m}.png"] = plots.keep_ratio_plot(shapes, title=f"{m}: keep ratio per layer")
+            out[f"sweep_keep_{m}.png"] = plots.keep_ratio_plot(
+                shapes, title=f"{m}: keep ratio per layer at each FLOPs budget")
     return out
 
 
@@ -378,14 +388,18 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
     paths = [out / "sweep.md", out / "sweep.json"]
     paths[0].write_text(markdown(results), encoding="utf-8")
     paths[1].write_text(json.dumps(_jsonable(results), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    from schedsearch import plots
+
     for name, fig in figures(results).items():
-        fig.savefig(out / name, dpi=100)
+        fig.savefig(out / name, dpi=plots.DPI)
         paths.append(out / name)
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> dict:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--model", default="toy", help="alias or directory (default: the shipped toy model)")
@@ -395,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the searches repeatable)")
     ap.add_argument("--from-json", default=None, metavar="SWEEP_JSON",
                     help="only re-render sweep.md and the PNGs from an earlier sweep.json (no model is run)")
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
@@ -410,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from schedsearch.toy import HELDOUT_SEED, write_dataset
 
     preset = PRESETS[args.preset]
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, **load_kwargs(args.device, args.dtype))
     calibration = load_manifest(args.calibration or _default_calibration(args.model))
     command = "python studies/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", module="optuna")

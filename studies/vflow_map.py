@@ -66,10 +66,13 @@ def table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from schedsearch.devices import add_arguments, load_kwargs
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "vflow_map.md"))
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
     import torch
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t0 = time.time()
-    res = ratios(load_model(args.model), args.n)
+    res = ratios(load_model(args.model, **load_kwargs(args.device, args.dtype)), args.n)
     text = (f"# `python studies/vflow_map.py --model {args.model} --n {args.n}` ({time.time() - t0:.0f} s)\n\n"
             "Importance of object tokens vs background tokens under the `vflow` scorer's map, held-out toy scenes.\n\n"
             + table(res) + "\n")

@@ -23,18 +23,31 @@ def manifest(tmp_path):
 
 
 def _run(args, cwd):
+    import os
+
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):  # a worktree run first on the path imports its own schedsearch
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     proc = subprocess.run([sys.executable, "-m", "schedsearch", "optimize", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=180, check=False, env=env)
     return proc.returncode, [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")], proc.stderr
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--budget", "0"], "outside (0, 1]"),
-    (["--budget", "1.5"], "outside (0, 1]"),
-    (["--budget", "0.2", "--method", "nope"], "--method 'nope' is not known: use gsearch, pcosine, psigmoid or vflow"),
-    (["--budget", "0.2", "--sampler", "nope"], "--sampler 'nope' is not known"),
-    (["--budget", "0.2", "--budget-kind", "watts"], "--budget-kind 'watts' is not known"),
+    (["--budget", "0"], "--budget 0.0 is out of range: it must be 0<x<=1"),
+    (["--budget", "1.5"], "--budget 1.5 is out of range: it must be 0<x<=1"),
+    (["--budget", ""], "--budget '' is empty"),
+    (["--budget", "0.1,0.2"], "lists several budgets: add --pareto"),
+    (["--budget", "0.2", "--method", "nope"], "'nope' is not one of 'psigmoid', 'pcosine', 'vflow', 'gsearch'"),
+    (["--budget", "0.2", "--sampler", "nope"], "'nope' is not one of 'tpe', 'gp'"),
+    (["--budget", "0.2", "--budget-kind", "watts"], "'watts' is not one of 'flops', 'tokens', 'kv'"),
+    (["--budget", "0.2", "--trials", "0"], "--trials 0 is out of range: it must be a whole number x>=1"),
+    (["--budget", "0.2", "--timeout", "-5"], "--timeout -5.0 is out of range: it must be x>0"),
+    (["--budget", "0.2", "--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--budget", "0.2", "--seed", "-1"], "--seed -1 is out of range"),
+    (["--budget", "0.2", "--tolerance", "-1"], "--tolerance -1.0 is out of range: it must be x>=0"),
+    (["--budget", "0.2", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+    (["--budget", "0.2", "--dtype", "int8"], "'int8' is not one of 'auto', 'bfloat16', 'float16', 'float32'"),
     ([], "--budget is required"),
 ])
 def test_bad_settings(tmp_path, manifest, args, expect):
@@ -52,6 +65,30 @@ def test_missing_manifest_is_reported_before_an_existing_study(tmp_path, manifes
                         storage=f"sqlite:///{tmp_path}/.schedsearch/studies.db")
     rc, errs, raw = _run(["--budget", "0.2", "--calibration", "nope.jsonl"], tmp_path)
     assert rc != 0 and len(errs) == 1 and "nope.jsonl does not exist" in errs[0], raw
+
+
+def test_config_directory_and_out_of_range_preset(tmp_path, manifest):
+    """--config DIR names the directory (not "does not exist"); preset numbers are range-checked like flags."""
+    rc, errs, raw = _run(["--config", str(tmp_path), "--calibration", str(manifest)], tmp_path)
+    assert rc == 2 and len(errs) == 1 and "is a directory: pass the preset's TOML file" in errs[0], raw
+    cfg = tmp_path / "study.toml"
+    cfg.write_text("[study]\nbudget = 0.2\ntrials = 0\n")
+    rc, errs, raw = _run(["--config", str(cfg), "--calibration", str(manifest)], tmp_path)
+    assert rc == 2 and len(errs) == 1 and "trials=0 is out of range" in errs[0], raw
+    cfg.write_text('[study]\nbudget = 0.2\ndtype = "int8"\n')  # presets take device/dtype like the flags
+    rc, errs, raw = _run(["--config", str(cfg), "--calibration", str(manifest)], tmp_path)
+    assert rc == 2 and len(errs) == 1 and "--dtype 'int8' is not supported" in errs[0], raw
+    assert not (tmp_path / ".schedsearch").exists()  # refused before any study was created
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path, manifest):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, errs, raw = _run(["--budget", "0.2", "--device", "cuda", "--calibration", str(manifest)], tmp_path)
+    assert rc == 2 and len(errs) == 1 and "CUDA is not available" in errs[0] and "--device cpu" in errs[0], raw
+    assert "Traceback" not in raw
 
 
 def test_unknown_config_key(tmp_path, manifest):

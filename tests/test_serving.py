@@ -81,3 +81,24 @@ def test_export_serve_and_request(tiny_dir, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+def test_export_to_unreachable_server_is_one_line_within_seconds(tiny_dir, tmp_path):
+    """`export --to mlflow` against a server that is not there: one error line in seconds (MLflow's own HTTP
+    retries were silent for ~4 minutes, then a traceback), nothing registered."""
+    pytest.importorskip("mlflow")
+    from schedsearch.models import load_model
+
+    ad = load_model(str(tiny_dir("qwen2_5_vl")))
+    sched_path = tmp_path / "s.json"
+    schedule_for(ad, [1.0] * ad.num_layers, scorer="uniform", params={}).save(sched_path)
+    port = _free_port()  # closed: nothing listens there
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "schedsearch", "export", str(sched_path), "--to", "mlflow",
+                           "--name", "x", "--tracking-uri", f"http://127.0.0.1:{port}"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300, check=False)
+    took = time.perf_counter() - t0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: cannot register 'x'") and f"127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in proc.stderr and took < 60, took

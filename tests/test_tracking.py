@@ -306,7 +306,10 @@ def test_ui_rejects_busy_port_and_short_circuits_servers(capsys):
 
 @pytest.mark.slow
 def test_ui_serves_runs(store):
+    """`schedsearch ui` on a free loopback port prints, once the server answers, a URL that opens the study
+    experiment's runs table; the page answers 200 and MLflow's REST API lists the study's run."""
     import json
+    import re
     import urllib.request
 
     _, uri = store
@@ -314,22 +317,22 @@ def test_ui_serves_runs(store):
     rid = tracker.start_study("served", {})
     tracker.end()
     port = _closed_port()
-    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "ui", "--tracking-uri", uri, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "ui", "--tracking-uri", uri, "--port", str(port),
+                             "--experiment", "served", "--no-open"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
-        body = json.dumps({"experiment_ids": [tracker.experiment_id]}).encode()
-        deadline = time.time() + 60
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    runs = json.load(r)["runs"]
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.5)
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:(\d+)/#/experiments/(\d+)/runs\?workflowType=machine_learning)", line)
+        assert m, line
+        url, got_port, exp_id = m.group(1), int(m.group(2)), m.group(3)
+        assert got_port == port and exp_id == tracker.experiment_id
+        with urllib.request.urlopen(url, timeout=10) as r:  # the fragment stays in the browser: this is the app page
+            assert r.status == 200 and "<html" in r.read(4096).decode("utf-8", "replace").lower()
+        body = json.dumps({"experiment_ids": [exp_id]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)["runs"]
         assert [r["info"]["run_id"] for r in runs] == [rid]
         with warnings.catch_warnings():  # the same server as a tracking URI: no fallback, runs land there
             warnings.simplefilter("error", TrackingWarning)
@@ -343,3 +346,145 @@ def test_ui_serves_runs(store):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_ui_bad_store_and_bad_host_are_one_line(tmp_path, capsys):
+    """A store that cannot be read and a host this machine does not have: one line each, nothing announced, and a
+    host problem never suggests another port."""
+    from schedsearch.cli import main
+
+    corrupt = tmp_path / "mlflow.db"
+    corrupt.write_bytes(b"this is not an sqlite database" * 10)
+    port = _closed_port()
+    for args, expect in [
+        (["--tracking-uri", f"sqlite:///{corrupt}"], "file is not a database"),
+        (["--tracking-uri", "bogus://nowhere"], "cannot read the tracking store bogus://nowhere"),
+        (["--host", "192.0.2.1"], "192.0.2.1 is not an address of this machine"),
+        (["--host", "no-such-host.invalid"], "--host no-such-host.invalid is not an address or a name"),
+    ]:
+        assert main(["ui", "--port", str(port), "--no-open", *args]) == 2, args
+        out, err = capsys.readouterr()
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and expect in errors[0], (args, err)
+        assert "http://" not in out and "--port" not in errors[0], (args, out, err)
+
+
+def test_ui_facing_run_contents(store):
+    """What the MLflow UI shows: the metric named for what it is, real trial times, the README's parameter names,
+    the best value (not the last) on the parent, the budget and a description naming the schedule file; the
+    budget constraint stored under Optuna 5's key and the key optuna-dashboard 0.21 reads."""
+    import datetime
+
+    from schedsearch.tracking import set_constraint
+
+    _, uri = store
+    tracker = Tracker(uri, experiment="ui-facing")
+    parent = tracker.start_study("named", {"budget": 0.2, "budget_kind": "flops", "method": "psigmoid",
+                                           "sampler": "random"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    values = [0.3, 0.1, 0.2]  # the last trial is not the best
+
+    def objective(trial):
+        trial.suggest_float("phi", 0.0, 0.95)
+        set_constraint(trial, "budget", -0.01)
+        time.sleep(0.05)
+        return values[trial.number]
+
+    with tracker:
+        study.optimize(objective, n_trials=3, callbacks=[optuna_callback(tracker, metric_names=["one_minus_cos"])])
+        tracker.set_summary({"best_search": 0.1, "best_heldout": 0.12}, {"schedule_path": "schedules/named.json"})
+    assert study.metric_names == ["one_minus_cos"]
+    t0 = study.trials[0]
+    assert t0.system_attrs["constraints:budget"] == pytest.approx(-0.01)
+    assert t0.system_attrs["constraints"] == [pytest.approx(-0.01)]
+
+    client = tracker.client
+    p = client.get_run(parent)
+    assert p.data.metrics["one_minus_cos"] == pytest.approx(0.1)  # best so far at the last step, not 0.2
+    assert [m.value for m in client.get_metric_history(parent, "one_minus_cos")] == pytest.approx([0.3, 0.1, 0.1])
+    assert p.data.tags["schedsearch.budget"] == "flops <= 0.2"
+    note = p.data.tags["mlflow.note.content"]
+    assert "schedules/named.json" in note and "psigmoid" in note and "flops <= 0.2" in note
+    kids = _children(tracker, parent)
+    for run, trial in zip(kids, study.trials, strict=True):
+        assert run.data.metrics["one_minus_cos"] == pytest.approx(trial.value)
+        assert "value" not in run.data.metrics
+        assert "floor" in run.data.params and "phi" not in run.data.params
+        start = datetime.datetime.fromtimestamp(run.info.start_time / 1000, tz=datetime.timezone.utc)
+        assert abs((start - trial.datetime_start.astimezone(datetime.timezone.utc)).total_seconds()) < 0.01
+        assert run.info.end_time - run.info.start_time >= 40  # the trial's own duration (it slept 50 ms)
+
+
+def test_broken_local_store_falls_back_within_seconds(tmp_path, monkeypatch):
+    """A corrupt default mlflow.db, a directory in its place and a store another process holds locked: one
+    warning line each within seconds (MLflow alone retries ~100 s behind dozens of warning lines), and the study
+    logs to the per-user store instead, like it does for an unreachable server."""
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCHEDSEARCH_HOME", str(tmp_path / "home"))
+    (tmp_path / "mlflow.db").write_bytes(b"not an sqlite file, e.g. a half-copied one " * 40)
+    (tmp_path / "adir").mkdir()
+    locked = tmp_path / "locked.db"
+    holder = sqlite3.connect(locked)
+    holder.execute("CREATE TABLE t (x)")
+    holder.commit()
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing: nobody else gets the write lock
+    try:
+        for uri, reason in [(None, "file is not a database"), ("sqlite:///adir", "is a directory"),
+                            (f"sqlite:///{locked}", "database is locked")]:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                tracker = Tracker(uri, experiment="fallback")
+                rid = tracker.start_study("s", {})
+                tracker.end()
+            ours = [str(w.message) for w in rec if issubclass(w.category, TrackingWarning)]
+            assert len(ours) == 1 and reason in ours[0] and "\n" not in ours[0], (uri, ours)
+            assert tracker.fell_back and tracker.tracking_uri.endswith(f"{tmp_path}/home/mlflow.db"), uri
+            assert tracker.client.get_run(rid).info.status == "FINISHED"
+            assert time.perf_counter() - t0 < 30, uri
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_study_figures_are_report_ready(tmp_path):
+    """The PNGs optimize logs: >= 150 dpi, the budget in every title, labelled axes, Optuna's own history and
+    importance plots (README parameter names), the overlay beside the image with a colour bar."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from schedsearch import plots
+    from schedsearch.tracking import set_constraint
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        k = trial.suggest_float("k", 2.0, 60.0, log=True)
+        phi = trial.suggest_float("phi", 0.0, 0.95)
+        set_constraint(trial, "budget", 0.01 if trial.number == 3 else -0.01)  # one infeasible trial
+        return 0.1 * phi + 0.001 * k
+
+    study.optimize(objective, n_trials=12)
+    result = SimpleNamespace(study=study, best=SimpleNamespace(ratios=[1.0, 0.6, 0.3, 0.1]),
+                             baselines={"uniform": {"ratios": [0.25] * 4}}, budget={"kind": "flops", "requested": 0.2})
+    figs = plots.study_figures(result)
+    assert set(figs) == {"keep_ratio_per_layer.png", "optimization_history.png", "param_importances.png"}
+    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 40).astype("uint8"))  # a dark image
+    figs["overlay.png"] = plots.overlay_plot(image, np.linspace(0, 1, 24).reshape(4, 6), budget="FLOPs <= 0.2")
+    for name, fig in figs.items():
+        ax = fig.axes[0] if name != "overlay.png" else fig.axes[1]
+        title = fig._suptitle.get_text() if name == "overlay.png" else ax.get_title()
+        assert "FLOPs <= 0.2" in title, (name, title)
+        if name != "overlay.png":
+            assert ax.get_xlabel() and ax.get_ylabel(), name
+        fig.savefig(tmp_path / name, dpi=plots.DPI)
+        with Image.open(tmp_path / name) as im:
+            assert round(im.info["dpi"][0]) >= 150, name
+    assert [t.get_text() for t in figs["param_importances.png"].axes[0].get_yticklabels()].count("floor") == 1
+    assert len(figs["overlay.png"].axes) == 3  # image, heat map, colour bar
+    assert "fraction of decoder layers" in figs["overlay.png"].axes[2].get_ylabel()

@@ -6,21 +6,28 @@ from pathlib import Path
 
 import typer
 
-from schedsearch.cli import app
+from schedsearch.cli import app, choice, ranged
+from schedsearch.devices import DEVICE_HELP, DTYPE_HELP, DTYPES
+from schedsearch.schedule import BUDGET_KINDS
+from schedsearch.search.fixed import BASELINES
 
 
 @app.command()
 def baseline(
-    name: str = typer.Argument(..., help="fastv, pdrop or uniform."),
-    budget: float = typer.Option(..., "--budget", "-b", help="Kept fraction, e.g. 0.2."),
-    budget_kind: str = typer.Option("flops", "--budget-kind", help="flops, tokens or kv."),
+    name: choice(BASELINES) = typer.Argument(..., help="Fixed schedule family."),
+    budget: float = typer.Option(..., "--budget", "-b", help="Kept fraction, e.g. 0.2.", **ranged("budget")),
+    budget_kind: choice(BUDGET_KINDS) = typer.Option("flops", "--budget-kind", help="What the budget counts."),
     model: str = typer.Option("toy", "--model", "-m", help="Alias, directory or hub id."),
     calibration: Path | None = typer.Option(None, "--calibration", "-c",
                                                help="Manifest whose token counts the budget is matched on."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Schedule JSON to write."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Schedule JSON to write.",
+                                 show_default="schedules/<model>-<name>-<kind><budget>.json"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: choice(DTYPES) = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Budget-matched FastV / PyramidDrop / uniform schedule in the schedule file format."""
     from schedsearch.calibration import calibration_hash, load_manifest
+    from schedsearch.devices import load_kwargs
     from schedsearch.evaluation import make_batches, token_counts
     from schedsearch.flops import DecoderShape, budget_report
     from schedsearch.models import load_model
@@ -29,10 +36,8 @@ def baseline(
     from schedsearch.search.methods import SearchContext, baseline_candidate
     from schedsearch.search.optimize import SearchError, StudySettings
 
-    if name not in ("fastv", "pdrop", "uniform"):
-        raise SearchError(f"baseline {name!r} is not known: use fastv, pdrop or uniform")
     StudySettings(budget=budget, kind=budget_kind).validate()
-    adapter = load_model(model)
+    adapter = load_model(model, **load_kwargs(device, dtype))
     samples = load_manifest(calibration or _default_calibration(model))
     counts = token_counts(adapter, make_batches(adapter, samples))
     shape = DecoderShape.from_config(adapter.text_config)

@@ -11,49 +11,52 @@ from pathlib import Path
 
 import typer
 
-from schedsearch.cli import app
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+from schedsearch.cli import app, choice, ranged
+from schedsearch.devices import DEVICE_HELP, DTYPE_HELP, DTYPES
 
 
 @app.command()
 def evaluate(
     schedule: Path = typer.Argument(..., help="Schedule JSON file."),
     model: str | None = typer.Option(None, "--model", "-m",
-                                        help="Model alias, directory or hub id (default: the schedule's model)."),
+                                        help="Model alias, directory or hub id.",
+                                     show_default="the schedule's model"),
     calibration: Path = typer.Option(..., "--calibration", "-c", "--data",
                                      help="Calibration manifest (JSONL) or a directory holding manifest.jsonl."),
-    batch_size: int = typer.Option(8, help="Samples per forward (grouped by visual-token count)."),
-    limit: int | None = typer.Option(None, help="Use only the first N samples."),
-    repeats: int = typer.Option(3, help="Timing repeats (median is reported)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward (grouped by visual-token count).",
+                                   **ranged("batch_size")),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N samples.", show_default="all",
+                                     **ranged("limit")),
+    repeats: int = typer.Option(3, "--repeats", help="Timed passes (after two warm-up passes; the mean is reported).",
+                                **ranged("repeats")),
     no_timing: bool = typer.Option(False, "--no-timing", help="Skip the prefill timing."),
     no_accuracy: bool = typer.Option(False, "--no-accuracy", help="Skip exact-match accuracy (otherwise "
                                      "measured when every sample has an answer)."),
-    max_new_tokens: int = typer.Option(4, help="Greedy answer length for the accuracy."),
+    max_new_tokens: int = typer.Option(4, "--max-new-tokens", help="Greedy answer length for the accuracy.",
+                                       **ranged("max_new_tokens")),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: choice(DTYPES) = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """FLOPs ratio, KV ratio, layer-averaged keep, last-token discrepancy and measured prefill time."""
     from schedsearch.calibration import load_manifest
+    from schedsearch.devices import load_kwargs
     from schedsearch.evaluation import evaluate_schedule
     from schedsearch.models import load_model
     from schedsearch.schedule import check_compatible, load_schedule
 
     sched = load_schedule(schedule)
     samples = load_manifest(calibration)  # cheap checks first: fail before loading a model
-    adapter = load_model(model or sched.model.name)
+    where = load_kwargs(device, dtype)  # `--device cuda` without CUDA: one line, before loading
+    adapter = load_model(model or sched.model.name, **where)
     check_compatible(sched, num_layers=adapter.num_layers, fingerprint=adapter.fingerprint(), family=adapter.family)
     if limit is not None:
         samples = samples[:limit]
     report = evaluate_schedule(adapter, sched, samples, batch_size=batch_size, repeats=repeats,
                                timing=not no_timing)
     d = report.to_dict()
-    d.update({"schedule": str(schedule), "model": adapter.name_or_path})
+    d.update({"schedule": str(schedule), "model": adapter.name_or_path, "device": str(adapter.model.device),
+              "dtype": str(adapter.model.dtype).removeprefix("torch.")})
     if not no_accuracy and samples and all(x.answer is not None for x in samples):
         from schedsearch.toy.eval import accuracy
 
@@ -65,6 +68,8 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(d, sort_keys=True))
         return
+    from schedsearch.tables import table
+
     rows = [
         ("samples", d["n_samples"]),
         ("visual / text tokens (mean)", f"{d['n_visual_mean']:.1f} / {d['n_text_mean']:.1f}"),
@@ -75,24 +80,22 @@ def evaluate(
         ("discrepancy 1-cos (max)", d["discrepancy_max"]),
         ("prefill ms unpruned", d["prefill_ms_unpruned"]),
         ("prefill ms pruned", d["prefill_ms_pruned"]),
-        ("prefill time ratio", d["prefill_time_ratio"]),
+        ("prefill speed-up", d["prefill_speedup"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    typer.echo(f"{sched.method.name if sched.method else 'schedule'} on {adapter.name_or_path}")
-    for k, v in rows:
-        typer.echo(f"  {k:<{width}}  {_fmt(v)}")
+    title = (f"{sched.method.name if sched.method else 'schedule'} on {adapter.name_or_path} "
+             f"({d['device']}, {d['dtype']})")
+    typer.echo(table(["measure", "value"], rows, title=title))
     if "accuracy" in d:
-        _print_accuracy(d["accuracy"])
+        typer.echo(_accuracy_table(d["accuracy"]))
 
 
-def _print_accuracy(acc: dict) -> None:
+def _accuracy_table(acc: dict) -> str:
     """Exact match unpruned vs pruned: overall, then per question type and per region (n = questions)."""
+    from schedsearch.tables import table
+
     un, pr = acc["unpruned"], acc["pruned"]
     rows = [("overall", un["n"], un["overall"], pr["overall"])]
     for group, label in (("by_qtype", "qtype"), ("by_region", "region")):
         for k, v in un[group].items():
             rows.append((f"{label} {k}", un["counts"][label][k], v, pr[group][k]))
-    width = max(len(r[0]) for r in rows)
-    typer.echo(f"  exact-match accuracy{' ' * max(0, width - 18)}      n  unpruned  pruned")
-    for name, n, a, b in rows:
-        typer.echo(f"  {name:<{width}}  {n:>5}  {a:>8.3f}  {b:>6.3f}")
+    return table(["exact-match accuracy", "n", "unpruned", "pruned"], rows, digits=3, fixed=True)

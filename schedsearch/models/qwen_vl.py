@@ -87,14 +87,57 @@ class QwenImageProcessor:
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        """The stock processor's contract: text by default; with ``tokenize=True`` the model inputs, images included.
+
+        Images are the ``{"type": "image", "image": PIL image | path}`` (or ``"path"``/``"url"`` to a local file)
+        items of the messages, in order; ``return_dict=True`` returns the full :class:`BatchFeature`
+        (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``), otherwise
+        ``input_ids`` only. One conversation or a list of conversations (then padded on the left).
+        """
         kwargs.setdefault("chat_template", self.chat_template)
-        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+        tokenize = kwargs.pop("tokenize", False)
+        return_dict = kwargs.pop("return_dict", False)
+        return_tensors = kwargs.pop("return_tensors", None)
+        padding = kwargs.pop("padding", True)
+        if not tokenize:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        batched = bool(conversation) and isinstance(conversation[0], list | tuple)
+        convs = list(conversation) if batched else [conversation]
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, **kwargs) for c in convs]
+        images = [_image_of(item) for c in convs for msg in c for item in _content(msg) if _is_image(item)]
+        out = self(images=images or None, text=texts, padding=padding, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> Any:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> Any:
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _content(message: Any) -> list:
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, list) else []
+
+
+def _is_image(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == "image"
+
+
+def _image_of(item: dict) -> Any:
+    """The PIL image of a chat content item: ``image`` (a PIL image or a path), ``path`` or ``url`` (local file)."""
+    from PIL import Image
+
+    src = item.get("image", item.get("path", item.get("url")))
+    if src is None:
+        raise ValueError("an image item of the conversation has no 'image', 'path' or 'url'")
+    if isinstance(src, Image.Image):
+        return src
+    name = str(src).removeprefix("file://")
+    if "://" in name:
+        raise ValueError(f"image {src!r}: only local files and PIL images are supported (nothing is downloaded)")
+    with Image.open(name) as im:
+        return im.convert("RGB")
 
 
 def load_qwen_processor(path: str) -> Any:

@@ -32,7 +32,8 @@ def patch_entropy(pixels: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """
     lo, hi = float(pixels.min()), float(pixels.max())
     idx = ((pixels - lo) / max(hi - lo, 1e-8) * (bins - 1)).round().long().clamp(0, bins - 1)
-    counts = torch.zeros(pixels.shape[0], bins).scatter_add_(1, idx, torch.ones_like(pixels, dtype=torch.float))
+    counts = torch.zeros(pixels.shape[0], bins, device=pixels.device).scatter_add_(
+        1, idx, torch.ones_like(pixels, dtype=torch.float))
     p = counts / counts.sum(dim=1, keepdim=True)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
 

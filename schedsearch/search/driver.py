@@ -167,7 +167,9 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     from schedsearch.calibration import calibration_hash
 
     calib_hash = calibration_hash(samples)
-    adapter = load_model(str(s["model"]))
+    from schedsearch.devices import load_kwargs
+
+    adapter = load_model(str(s["model"]), **load_kwargs(s.get("device"), s.get("dtype")))
     t0 = time.perf_counter()
     obj = Objective(adapter, samples, heldout_fraction=float(s["heldout_fraction"]), seed=settings.seed,
                     batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash,
@@ -183,7 +185,8 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     from schedsearch.search.optimize import open_study
 
     study = open_study(settings, pareto=bool(s.get("pareto")))  # create, or join/continue with --resume
-    log_trial = optuna_callback(tracker)
+    names = ["one_minus_cos", f"achieved_{settings.kind}"] if s.get("pareto") else ["one_minus_cos"]
+    log_trial = optuna_callback(tracker, metric_names=names)  # the metric as the UI and the dashboard label it
     run_id = claim_parent_run(study, settings.storage, tracker, settings.study_name, params, log_trial)
 
     def remember_run(study: Any, trial: Any) -> None:  # so an interrupted study resumes under the same run
@@ -225,6 +228,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
     from schedsearch.search.gsearch import GreedySearch
     from schedsearch.search.methods import Candidate
     from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, worker_id
+    from schedsearch.tracking import set_constraint
 
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
@@ -256,7 +260,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
-        trial.set_constraint("budget", b["achieved"] - settings.budget)
+        set_constraint(trial, "budget", b["achieved"] - settings.budget)  # feasible when <= 0
 
     with guard:
         if ctx.scorer.get("name") == "auto":
@@ -300,20 +304,9 @@ def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any,
     from schedsearch import plots
 
     tracker.log_artifact_file(out)
-    shapes = {"searched": result.best.ratios, **{k: v["ratios"] for k, v in result.baselines.items()}}
-    tracker.log_figure(plots.keep_ratio_plot(shapes), "keep_ratio_per_layer.png")
-    values = [t.value for t in result.study.trials if t.value is not None]
-    if values:
-        tracker.log_figure(plots.history_plot(values), "optimization_history.png")
-    from schedsearch.evaluation import survival_grid
-
     sample = obj.samples["search"][0] if obj.samples["search"] else None
-    if sample is not None:
-        grid = survival_grid(adapter, sched, sample.images, sample.prompt)
-        if grid is not None:
-            tracker.log_figure(plots.overlay_plot(sample.images[0], grid,
-                                                 title="fraction of layers each visual token survives"),
-                               "kept_tokens_overlay.png")
+    for name, fig in plots.study_figures(result, sched, adapter, sample).items():
+        tracker.log_figure(fig, name)
     metrics = {"best_search": result.search_value, **{f"budget_{k}": v for k, v in result.budget.items()
                                                       if isinstance(v, float)}}
     if result.heldout_value is not None:
@@ -325,16 +318,14 @@ def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any,
 
 
 def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: float, trial_s: list) -> None:
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{v:.5f}"
+    from schedsearch.tables import table
 
     echo(f"wrote {out}")
-    echo(f"{'schedule':<12} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7} {'KV':>7} {'tokens':>7}")
     rows = [("searched", result.search_value, result.heldout_value, result.budget)]
     rows += [(k, v["search"], v["heldout"], v["budget"]) for k, v in result.baselines.items()]
-    for name, sv, hv, b in rows:
-        echo(f"{name:<12} {f(sv):>13} {f(hv):>15} {b['flops_ratio']:>7.3f} {b['kv_ratio']:>7.3f} "
-             f"{b['token_ratio']:>7.3f}")
+    echo(table(["schedule", "search 1-cos", "held-out 1-cos", "FLOPs", "KV", "tokens"],
+               [(n, sv, hv, b["flops_ratio"], b["kv_ratio"], b["token_ratio"]) for n, sv, hv, b in rows],
+               digits=5, fixed=True))
     if trial_s:
         med = sorted(trial_s)[len(trial_s) // 2]
         echo(f"trials: {len(trial_s)}, median trial {med:.2f}s, setup (reference + vision cache) {setup_s:.1f}s")
@@ -351,11 +342,13 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
     res = run_pareto(settings, obj, budgets, callbacks=callbacks, study=study)
     res.study.set_user_attr("mlflow_run_id", run_id)
     out_dir = Path(s["out"]) if s.get("out") else Path("schedules")
-    echo(f"{'budget':>7} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7}  file")
+    from schedsearch.tables import table
+
+    rows = []
     for b in budgets:
         r = res.per_budget.get(b)
         if r is None:
-            echo(f"{b:>7} no trial reached this budget: raise --trials")
+            rows.append((f"{b:g}", None, None, None, "no trial reached this budget: raise --trials"))
             continue
         cand = r["candidate"]
         objective = {"name": "1-cos(last token, final norm)", "value": r["search"], "split": "search",
@@ -369,10 +362,11 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
         out.parent.mkdir(parents=True, exist_ok=True)
         sched.save(out)
         tracker.log_artifact_file(out)
-        held = "-" if r["heldout"] is None else f"{r['heldout']:.5f}"
-        echo(f"{b:>7} {r['search']:>13.5f} {held:>15} {r['budget']['flops_ratio']:>7.3f}  {out}")
+        rows.append((f"{b:g}", r["search"], r["heldout"], r["budget"]["flops_ratio"], str(out)))
+    echo(table(["budget", "search 1-cos", "held-out 1-cos", "FLOPs", "file"], rows, digits=5, fixed=True))
     points = [(t.values[0], t.values[1]) for t in res.study.trials if t.values]
-    tracker.log_figure(plots.pareto_plot(points, budgets=budgets), "pareto_front.png")
+    tracker.log_figure(plots.pareto_plot(res.study if points else points, budgets=budgets, kind=settings.kind),
+                       "pareto_front.png")
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
     return res

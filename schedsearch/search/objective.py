@@ -15,11 +15,17 @@ Cost control, so one trial costs about one pruned forward over the search split:
 * vision-encoder outputs are computed once per batch and passed as ``mm_encoder_outputs`` (the
   public path ``generate()`` uses), since no schedule changes them;
 * batches are built once; everything runs under ``torch.no_grad()`` and in eval mode.
+
+Device and dtype follow the model: batches, cached vision features and the reference live on the model's
+device; states are compared in float32 whatever the model's dtype. The on-disk reference is stored on the CPU
+and its cache key includes the dtype and the device kind, so a bfloat16 or GPU run never reuses a float32 CPU
+reference (or the other way round).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,17 +114,26 @@ class Objective:
 
     # ------------------------------------------------------------------ cache
     def _key(self, split: str) -> str:
+        """Cache key of a split's reference: model config, weights digest, dtype, device kind, data and split."""
         h = hashlib.sha256()
+        first = next(self.adapter.model.parameters())
+        # a bfloat16 or GPU reference differs from a float32 CPU one in the last digits: never mix them
         for part in (self.adapter.fingerprint(), str(self.adapter.name_or_path), self.metric, split,
                      str(self._seed), str(self._heldout_fraction), self._calibration_hash or "",
-                     repr(self.counts[split])):
+                     repr(self.counts[split]), str(first.dtype), first.device.type):
             h.update(part.encode())
             h.update(b"\0")
         # the weights themselves: a cheap digest of a few tensors, so retrained weights miss the cache
+        # (first 64 values, copied to the CPU as float32: works for any device and dtype)
         for i, p in enumerate(self.adapter.model.parameters()):
             if i % 7 == 0:
-                h.update(p.detach().float().flatten()[:64].numpy().tobytes())
+                h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
         return h.hexdigest()[:24]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and so every batch, cached feature and reference) lives."""
+        return next(self.adapter.model.parameters()).device
 
     def _reference(self, split: str) -> torch.Tensor:
         if not self.batches[split]:
@@ -127,15 +142,15 @@ class Objective:
         if self._cache_dir is not None and self._calibration_hash:
             path = self._cache_dir / f"ref-{self._key(split)}.pt"
             if path.exists():
-                try:
-                    return torch.load(path, weights_only=True)
+                try:  # stored on the CPU (a cache written on a GPU machine loads anywhere), used on the device
+                    return torch.load(path, weights_only=True, map_location="cpu").to(self.device)
                 except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
                     pass
         ref = self._outputs(split, None)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(ref, tmp)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a cache never share a temp file
+            torch.save(ref.cpu(), tmp)
             tmp.replace(path)
         return ref
 

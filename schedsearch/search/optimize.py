@@ -19,13 +19,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schedsearch.errors import SchedsearchError
 from schedsearch.search.budget import InfeasibleBudget
 from schedsearch.search.interrupt import SigintGuard
 from schedsearch.search.methods import METHODS, Candidate, SearchContext, baseline_candidate
-from schedsearch.search.objective import Objective
+
+if TYPE_CHECKING:  # annotations only: importing this module (e.g. SAMPLERS for --help) must not import torch
+    from schedsearch.search.objective import Objective
 
 SAMPLERS = ("tpe", "gp", "cmaes", "botorch", "random", "qmc")
 
@@ -204,7 +206,9 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
             trial.set_user_attr(k, b[k])
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
-        trial.set_constraint("budget", b["achieved"] - settings.budget)  # feasible when <= 0
+        from schedsearch.tracking import set_constraint  # both keys: Optuna 5 and optuna-dashboard
+
+        set_constraint(trial, "budget", b["achieved"] - settings.budget)  # feasible when <= 0
         with guard.computing():
             value = obj.score(cand.as_schedule_dict())
         trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
