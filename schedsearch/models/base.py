@@ -171,6 +171,28 @@ class VLMAdapter:
         out["mm_encoder_outputs"] = {"image": enc}
         return out
 
+    # ------------------------------------------------------- vision-encoder maps (optional interface)
+    # Rankings that read the vision encoder's attention (FasterVLM, VTC-CLS, VisionZip, HiPrune, FlowCut, HiRED;
+    # runtime/scorers/) use three methods. A family that cannot provide them simply does not define them: the
+    # runtime then refuses such a scorer with one line when the schedule is applied. Lifecycle::
+    #
+    #     depth, global_layers = adapter.vision_encoder_layers()       # once, when a schedule is applied
+    #     handle = adapter.vision_maps_hook({22: {"cls"}}, store)      # hooks on the encoder, removed on exit
+    #     ... the encoder runs (prefill or generate()) ...             # the hook CLEARS store, then records
+    #     maps = adapter.vision_token_maps(store, batch)               # per LLM visual token, sequence order
+    #
+    # * ``vision_encoder_layers() -> (depth, global_layers)``: the number of attention layers of the encoder and
+    #   the indices whose attention is global (not windowed); scorers resolve their layer parameters with
+    #   ``runtime.scorers.base.resolve_vision_layer``.
+    # * ``vision_maps_hook(request, store) -> handle``: ``request`` maps resolved layer indices (0..depth-1) to
+    #   sets of kinds from ``models.vision_maps.KINDS``; on every encoder run the hook clears ``store`` and
+    #   appends one record of that run (its content is the adapter's business). ``handle.remove()`` undoes it.
+    # * ``vision_token_maps(store, batch) -> dict``: turns the last record into ``{(layer, kind): (B, V) or
+    #   (B, V, d)}`` per visual token of ``batch`` in sequence order (one sample's images concatenated), plus
+    #   ``"layout"``: (B, V) long, 0 = the image's base view, k >= 1 = high-resolution tile k, -1 = a token without
+    #   a spatial cell (its maps hold NaN). ``batch`` is as for :meth:`visual_coords`. Raises ValueError (one line)
+    #   when the record does not fit the batch.
+
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""
         import torch
@@ -195,3 +217,15 @@ def config_fingerprint(config_dict: dict) -> str:
 
     blob = json.dumps(clean(config_dict), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class HandleGroup:
+    """Several hook handles removed together (what the adapters' ``*_hook`` methods return)."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
