@@ -106,6 +106,10 @@ class ScorerSpec:
     summary: str = ""
 
 
+def _VLAYER(default: int) -> Int:  # noqa: N802 - a vision-encoder layer index parameter
+    return Int(default, -64, 63)
+
+
 #: name -> spec. Order is the order shown to users.
 SCORERS: dict[str, ScorerSpec] = {
     "last_token_attention": ScorerSpec(
@@ -128,6 +132,14 @@ SCORERS: dict[str, ScorerSpec] = {
         {"source": Choice("caller", ("caller", "vision_attention")),
          "t": Float(1.0, low=0.0, high=1e3), "alpha": Float(0.0, low=-1e3, high=1e3)},
         summary="importance supplied by the caller, or the vision tower's attention map (VFlowOpt)"),
+    # --- schema 1.2: the field's training-free rankings (issue 13); vision layers are Python indices into the
+    # vision encoder (negative = from the end), clamped into it and moved to the nearest global-attention layer
+    "fastervlm": ScorerSpec(
+        "schedsearch.runtime.scorers.vision_attention:FasterVLM", {"layer": _VLAYER(-2)}, since="1.2",
+        summary="FasterVLM/VisPruner: [CLS] attention of a vision layer (no [CLS]: attention received)"),
+    "vtc_cls": ScorerSpec(
+        "schedsearch.runtime.scorers.vision_attention:VTCCLS", {"start": _VLAYER(-8), "end": _VLAYER(-2)},
+        since="1.2", summary="VTC-CLS: [CLS] attention summed over vision layers start..end"),
 }
 
 

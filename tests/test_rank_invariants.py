@@ -1,0 +1,119 @@
+"""Runtime invariants for the issue-13 rankings (schema 1.2 scorers) on the tiny families.
+
+For every scorer of :data:`CASES`: a pruned run really drops tokens and leaves the model exactly as before (hooks,
+weights, outputs); a left-padded batch gives each sample what it gets alone; greedy generation with the KV cache
+equals recomputing without it where the ranking does not depend on the tokens after the image; an all-ones
+schedule gives exactly the unpruned logits; the kept count is the schedule's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schedsearch.runtime import RuntimeScheduleError, apply_schedule
+from schedsearch.schedule import kept_counts
+from schedsearch.testing.tiny import tiny_images
+
+#: name -> (params, prefix-stable ranking (cache consistency holds), reads vision maps or positions: LLaVA-NeXT
+#: needs image_sizes, which generate() hands only to the encoder)
+CASES: dict[str, tuple[dict, bool, bool]] = {
+    "fastervlm": ({}, True, True),
+    "vtc_cls": ({}, True, True),
+}
+
+
+def _sched(n_layers: int, name: str, params: dict, ratios=None) -> dict:
+    if ratios is None:  # drop before layer 0 and again at the last layer
+        ratios = [0.5] * (n_layers - 1) + [0.25]
+    return {"keep_ratios": list(ratios), "scorer": {"name": name, "params": params}, "recycling": None}
+
+
+def _batch(ad, prompts, seed=0):
+    imgs = tiny_images(len(prompts), seed=seed)
+    return ad.prepare([[im] for im in imgs], prompts)
+
+
+def _suppress(ad):
+    tok = ad.processor.tokenizer if hasattr(ad.processor, "tokenizer") else ad.processor
+    return sorted(set(tok.all_special_ids) | {ad.image_token_id})
+
+
+def _hooks(model) -> dict:
+    return {n: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@torch.no_grad()
+def test_drops_counts_and_restores(tiny_adapter, name):
+    ad = tiny_adapter
+    params = CASES[name][0]
+    batch = _batch(ad, ["what colour is it?", "is there a red square in the top left?"])
+    ref = ad.model(**batch).logits
+    state = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    hooks = _hooks(ad.model)
+    with apply_schedule(ad.model, _sched(ad.num_layers, name, params, [1.0] * ad.num_layers), adapter=ad):
+        assert torch.equal(ad.model(**batch).logits, ref)
+    sched = _sched(ad.num_layers, name, params)
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        pruned = ad.model(**batch).logits
+        vis = ad.visual_mask(batch["input_ids"])
+        counts = kept_counts(sched["keep_ratios"], int(vis[0].sum()))
+        for layer, idx in h.kept_indices.items():
+            assert (vis.gather(1, idx).sum(1) == counts[layer]).all(), layer
+    assert pruned.shape[1] < ref.shape[1]
+    assert _hooks(ad.model) == hooks
+    assert torch.equal(ad.model(**batch).logits, ref)
+    for k, v in ad.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@torch.no_grad()
+def test_batch_equals_each_sample_alone(tiny_adapter, name):
+    ad = tiny_adapter
+    params, _, needs_sizes = CASES[name]
+    sched = _sched(ad.num_layers, name, params)
+    prompts = ["what is it?", "count the shapes in the top half of the image please"]
+    imgs = tiny_images(2, seed=0)
+    batch = ad.prepare([[im] for im in imgs], prompts)
+    assert int((batch["attention_mask"] == 0).sum()) > 0  # really left-padded
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        both = ad.model(**batch).logits[:, -1]
+        kept_both = {l: t.clone() for l, t in h.kept_indices.items()}
+        assert kept_both
+        for i, p in enumerate(prompts):
+            alone = ad.model(**ad.prepare([[imgs[i]]], [p])).logits[:, -1]
+            torch.testing.assert_close(both[i], alone[0], atol=1e-4, rtol=1e-4)
+            pad = int((batch["attention_mask"][i] == 0).sum())
+            for l, idx in h.kept_indices.items():  # the same survivors, shifted by the sample's left padding
+                mine = kept_both[l][i]
+                assert torch.equal(mine[mine >= pad] - pad, idx[0]), (l, i)
+    if needs_sizes and ad.family == "llava_next":
+        with apply_schedule(ad.model, sched, adapter=ad), pytest.raises(RuntimeScheduleError, match="image_sizes"):
+            ad.model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[1]])
+@torch.no_grad()
+def test_cached_generate_equals_recompute(tiny_adapter, name):
+    ad = tiny_adapter
+    params, _, needs_sizes = CASES[name]
+    if needs_sizes and ad.family == "llava_next":
+        pytest.skip("LLaVA-NeXT generate() hands image_sizes only to the encoder (tested above: one-line error)")
+    sched = _sched(ad.num_layers, name, params)
+    batch = _batch(ad, ["describe the picture"])
+    steps = 3
+    with apply_schedule(ad.model, sched, adapter=ad):
+        out = ad.model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                suppress_tokens=_suppress(ad), output_logits=True, return_dict_in_generate=True)
+        n = batch["input_ids"].shape[1]
+        for s in range(steps):
+            full = dict(batch)
+            full["input_ids"] = out.sequences[:, : n + s]
+            full["attention_mask"] = torch.ones_like(full["input_ids"])
+            if "mm_token_type_ids" in batch:
+                is_img = full["input_ids"] == ad.image_token_id
+                full["mm_token_type_ids"] = is_img.to(batch["mm_token_type_ids"].dtype)
+            logits = ad.model(**full, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, out.logits[s], atol=1e-4, rtol=1e-4)
