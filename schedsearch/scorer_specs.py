@@ -140,6 +140,11 @@ SCORERS: dict[str, ScorerSpec] = {
     "vtc_cls": ScorerSpec(
         "schedsearch.runtime.scorers.vision_attention:VTCCLS", {"start": _VLAYER(-8), "end": _VLAYER(-2)},
         since="1.2", summary="VTC-CLS: [CLS] attention summed over vision layers start..end"),
+    "visionzip": ScorerSpec(
+        "schedsearch.runtime.scorers.visionzip:VisionZip",
+        {"layer": _VLAYER(-2), "contextual": Float(10 / 64, low=0.0, high=1.0),
+         "similarity": Choice("vision_keys", ("vision_keys", "states"))}, since="1.2",
+        summary="VisionZip: dominant tokens by vision attention + contextual tokens merged by key similarity"),
 }
 
 

@@ -20,10 +20,13 @@ from schedsearch.testing.tiny import tiny_images
 CASES: dict[str, tuple[dict, bool, bool]] = {
     "fastervlm": ({}, True, True),
     "vtc_cls": ({}, True, True),
+    "visionzip": ({}, True, True),
+    "visionzip/states": ({"similarity": "states", "contextual": 0.3}, True, True),
 }
 
 
 def _sched(n_layers: int, name: str, params: dict, ratios=None) -> dict:
+    name = name.split("/")[0]  # "name/variant" rows test one scorer with other params
     if ratios is None:  # drop before layer 0 and again at the last layer
         ratios = [0.5] * (n_layers - 1) + [0.25]
     return {"keep_ratios": list(ratios), "scorer": {"name": name, "params": params}, "recycling": None}
@@ -117,3 +120,34 @@ def test_cached_generate_equals_recompute(tiny_adapter, name):
                 full["mm_token_type_ids"] = is_img.to(batch["mm_token_type_ids"].dtype)
             logits = ad.model(**full, use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits, out.logits[s], atol=1e-4, rtol=1e-4)
+
+
+def _same_keep_without_merge(ad, batch, sched):
+    """Logits of ``sched`` and of the same kept set chosen by an external importance (no merge step)."""
+    vis = ad.visual_mask(batch["input_ids"])
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        merged = ad.model(**batch).logits
+        kept = h.kept_indices[0]
+    order = vis.long().cumsum(1) - 1
+    imp = torch.zeros(vis.shape[0], int(vis[0].sum()))
+    for b in range(vis.shape[0]):
+        imp[b, order[b, kept[b][vis[b, kept[b]]]]] = 1.0
+    plain = dict(sched, scorer={"name": "external", "params": {}})
+    with apply_schedule(ad.model, plain, adapter=ad, importance=imp) as h:
+        kept_plain = ad.model(**batch).logits
+        assert torch.equal(h.kept_indices[0], kept)
+    return merged, kept_plain
+
+
+@pytest.mark.parametrize(("name", "params", "merges"), [
+    ("visionzip", {"contextual": 0.3}, True), ("visionzip", {"contextual": 0.0}, False),
+])
+@torch.no_grad()
+def test_merge_changes_states_not_the_kept_set(tiny_dir, name, params, merges):
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    batch = _batch(ad, ["what is it?"])
+    sched = _sched(ad.num_layers, name, params, [0.5] * ad.num_layers)
+    merged, plain = _same_keep_without_merge(ad, batch, sched)
+    assert torch.equal(merged, plain) != merges

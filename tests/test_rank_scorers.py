@@ -127,3 +127,84 @@ def test_registry_builds_the_new_names():
     assert (build_scorer("vtc_cls", {}).start, build_scorer("vtc_cls", {}).end) == (-8, -2)
     with pytest.raises(ScheduleError, match="scorer.params.layer=99 is outside"):
         build_scorer("fastervlm", {"layer": 99})
+
+
+# ----------------------------------------------------------------------------- hand-made contexts
+def _ctx(h: torch.Tensor, n_keep: int, vision: dict | None = None, text: torch.Tensor | None = None,
+         coords: torch.Tensor | None = None, layer=None):
+    """Alive sequence = [1 text token, the visual tokens h (B, V, D), the text tokens ``text`` (B, T, D)]."""
+    from schedsearch.runtime.scorers import ScoreContext
+
+    bsz, v, d = h.shape
+    t = 0 if text is None else text.shape[1]
+    hs = torch.cat([torch.zeros(bsz, 1, d), h] + ([] if text is None else [text]), dim=1)
+    n = 1 + v + t
+    vis = torch.arange(1, v + 1).expand(bsz, v)
+    text_mask = torch.ones(bsz, n, dtype=torch.bool)
+    text_mask[:, 1 : v + 1] = False
+    return ScoreContext(layer=layer, layer_idx=0, hidden_states=hs, cos=None, sin=None,
+                        key_valid=torch.ones(bsz, n, dtype=torch.bool), visual_local=vis, visual_orig=vis - 1,
+                        text_mask=text_mask, n_keep=n_keep, head_dim=d, num_heads=1, num_kv_heads=1, coords=coords,
+                        vision=vision, alive_orig=torch.arange(n).expand(bsz, n), n_visual=v)
+
+
+def _installed(name, params, depth=24, glob=None):
+    sc = build_scorer(name, params)
+    req = sc.vision_layers(depth, tuple(glob or range(depth))) if hasattr(sc, "vision_layers") else {}
+    return sc, req
+
+
+def _visionzip_by_hand(attn, keys, h, n_keep, frac):
+    """VisionZip's clip_encoder forward for one image, written as loops (no [CLS] token in the inputs)."""
+    v = len(attn)
+    c = 0 if frac == 0 else min(n_keep, max(1, round(frac * n_keep)))
+    d = n_keep - c
+    dominant = sorted(range(v), key=lambda j: (-attn[j], j))[:d]
+    rest = [j for j in range(v) if j not in dominant]
+    step = max(1, len(rest) // c) if c else 1
+    targets = [rest[i] for i in range(0, len(rest), step)][:c] if c else []
+    unit = [k / k.norm() for k in keys]
+    groups = {t: [] for t in targets}
+    for j in rest:
+        if j in targets:
+            continue
+        best = max(targets, key=lambda t: (float(unit[j] @ unit[t]), -targets.index(t)))
+        groups[best].append(j)
+    merged = {t: h[t] + (sum(h[j] for j in groups[t]) / len(groups[t]) if groups[t] else 0) for t in targets}
+    return sorted(dominant + targets), merged
+
+
+@pytest.mark.parametrize("n_keep", [5, 8, 12])
+def test_visionzip_matches_the_reference_loop(n_keep):
+    gen = torch.Generator().manual_seed(n_keep)
+    bsz, v = 2, 20
+    attn = torch.rand(bsz, v, generator=gen)
+    keys = torch.randn(bsz, v, 6, generator=gen)
+    h = torch.randn(bsz, v, 8, generator=gen)
+    sc, req = _installed("visionzip", {"contextual": 0.25})
+    (layer,) = req
+    ctx = _ctx(h, n_keep, vision={(layer, "cls"): attn, (layer, "keys"): keys})
+    scores = sc(ctx)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argsort(1, descending=True)[:, :n_keep], True)
+    new = sc.merge(ctx, keep, scores)
+    for b in range(bsz):
+        want_keep, want_merged = _visionzip_by_hand(attn[b].tolist(), list(keys[b]), list(h[b]), n_keep, 0.25)
+        assert sorted(keep[b].nonzero().flatten().tolist()) == want_keep
+        for t, vec in want_merged.items():
+            torch.testing.assert_close(new[b, t], vec)
+        untouched = [j for j in range(v) if j not in want_merged]
+        torch.testing.assert_close(new[b, untouched], h[b, untouched])
+
+
+def test_visionzip_prune_only_and_state_similarity():
+    h = torch.randn(1, 10, 4)
+    attn = torch.arange(10.0)[None]
+    sc, req = _installed("visionzip", {"contextual": 0.0})
+    (layer,) = req
+    ctx = _ctx(h, 3, vision={(layer, "cls"): attn, (layer, "keys"): h})
+    assert sorted(sc(ctx)[0].nonzero().flatten().tolist()) == [7, 8, 9]
+    assert sc.merge(ctx, None, None) is None
+    sc2, req2 = _installed("visionzip", {"similarity": "states"})
+    assert req2 == {22: ("cls",)}  # no vision keys needed
+    (layer,) = req2
+    assert int((sc2(_ctx(h, 4, vision={(layer, "cls"): attn})) > 0).sum()) == 4
