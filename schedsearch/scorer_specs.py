@@ -145,6 +145,10 @@ SCORERS: dict[str, ScorerSpec] = {
         {"layer": _VLAYER(-2), "contextual": Float(10 / 64, low=0.0, high=1.0),
          "similarity": Choice("vision_keys", ("vision_keys", "states"))}, since="1.2",
         summary="VisionZip: dominant tokens by vision attention + contextual tokens merged by key similarity"),
+    "hiprune": ScorerSpec(
+        "schedsearch.runtime.scorers.hiprune:HiPrune",
+        {"object_layer": _VLAYER(8), "deep_layer": _VLAYER(-2), "alpha": Float(0.1, low=0.0, high=1.0)},
+        since="1.2", summary="HiPrune: mid-layer anchors + their grid neighbours + deep-layer registers"),
 }
 
 

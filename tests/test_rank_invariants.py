@@ -22,6 +22,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "vtc_cls": ({}, True, True),
     "visionzip": ({}, True, True),
     "visionzip/states": ({"similarity": "states", "contextual": 0.3}, True, True),
+    "hiprune": ({"alpha": 0.5}, True, True),
 }
 
 

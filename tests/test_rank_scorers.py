@@ -208,3 +208,58 @@ def test_visionzip_prune_only_and_state_similarity():
     assert req2 == {22: ("cls",)}  # no vision keys needed
     (layer,) = req2
     assert int((sc2(_ctx(h, 4, vision={(layer, "cls"): attn})) > 0).sum()) == 4
+
+
+# ----------------------------------------------------------------------------- HiPrune
+def _grid_vision(side: int, bsz: int, maps: dict) -> dict:
+    cell = torch.stack([torch.arange(side * side) // side, torch.arange(side * side) % side], -1).float()
+    return {**maps, "cell": cell.expand(bsz, -1, -1), "image": torch.zeros(bsz, side * side, dtype=torch.long),
+            "layout": torch.zeros(bsz, side * side, dtype=torch.long)}
+
+
+def _hiprune_by_hand(obj, deep, n_keep, alpha, side, raster):
+    """HiPrune's encode_images for one image as loops; ``raster``: the reference's +-1 / +-width neighbours with
+    clamping (else true grid neighbours)."""
+    v = len(obj)
+    k = round(n_keep * alpha / 5)
+    anchors = sorted(range(v), key=lambda j: (-obj[j], j))[:k]
+    chosen = set(anchors)
+    for a in anchors:
+        if raster:
+            near = [min(max(a + d, 0), v - 1) for d in (-1, 1, -side, side)]
+        else:
+            r, c = divmod(a, side)
+            near = [(r + dr) * side + c + dc for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                    if 0 <= r + dr < side and 0 <= c + dc < side]
+        chosen.update(near)
+    rest = sorted((j for j in range(v) if j not in chosen), key=lambda j: (-deep[j], j))
+    return sorted(chosen | set(rest[: n_keep - len(chosen)]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hiprune_matches_the_reference_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    side, bsz, n_keep, alpha = 8, 2, 20, 0.5
+    obj, deep = torch.rand(bsz, side * side, generator=gen), torch.rand(bsz, side * side, generator=gen)
+    sc, req = _installed("hiprune", {"alpha": alpha})
+    lo, hi = sc._layers
+    ctx = _ctx(torch.randn(bsz, side * side, 4), n_keep,
+               vision=_grid_vision(side, bsz, {(lo, "received"): obj, (hi, "received"): deep}))
+    scores = sc(ctx)
+    for b in range(bsz):
+        kept = sorted(scores[b].argsort(descending=True, stable=True)[:n_keep].tolist())
+        assert kept == _hiprune_by_hand(obj[b].tolist(), deep[b].tolist(), n_keep, alpha, side, raster=False)
+
+
+def test_hiprune_interior_anchors_agree_with_the_raster_rule():
+    side, n_keep = 8, 15
+    obj = torch.zeros(1, 64)
+    obj[0, [18, 29, 45]] = torch.tensor([0.9, 0.8, 0.7])  # interior cells: raster +-1/+-8 = grid neighbours
+    deep = torch.linspace(0, 1, 64)[None]
+    sc, _ = _installed("hiprune", {"alpha": 1.0})
+    lo, hi = sc._layers
+    ctx = _ctx(torch.randn(1, 64, 4), n_keep, vision=_grid_vision(side, 1, {(lo, "received"): obj,
+                                                                           (hi, "received"): deep}))
+    kept = sorted(sc(ctx)[0].argsort(descending=True, stable=True)[:n_keep].tolist())
+    assert kept == _hiprune_by_hand(obj[0].tolist(), deep[0].tolist(), n_keep, 1.0, side, raster=True)
+    assert {17, 19, 10, 26} <= set(kept)  # the first anchor's four neighbours

@@ -123,3 +123,24 @@ def test_qwen_received_matches_the_vflow_map(tiny_dir):
         torch.testing.assert_close(maps[(layer, "cls")], maps[(layer, "received")])
         assert maps[(layer, "keys")].shape[:2] == want.shape
         assert maps["layout"].tolist() == torch.zeros_like(want, dtype=torch.long).tolist()
+
+
+@torch.no_grad()
+def test_geometry_agrees_with_visual_coords(tiny_adapter):
+    """'cell' (integer grid cell), 'image' and 'layout' describe the same tokens visual_coords places."""
+    ad = tiny_adapter
+    depth, glob = ad.vision_encoder_layers()
+    for size in ((112, 112), (112, 70)):  # a wide image: LLaVA-NeXT unpads the stitched tiles
+        imgs = tiny_images(2, size=size, seed=1)
+        batch = ad.prepare([[im] for im in imgs], ["what is it?"] * 2)
+        maps = ad.vision_token_maps(_record(ad, batch, {glob[-1]: frozenset({"cls"})}), batch)
+        coords = ad.visual_coords(dict(batch))
+        spatial = maps["layout"] >= 0
+        for b in range(coords.shape[0]):
+            for view in set(maps["layout"][b][spatial[b]].clamp(max=1).tolist()):  # base view vs stitched tiles
+                sel = spatial[b] & (maps["layout"][b].clamp(max=1) == view)
+                cell, rc = maps["cell"][b][sel], coords[b][sel][:, 1:]
+                cell = cell - cell.min(dim=0).values  # unpadding crops whole rows / columns of the stitched grid
+                h, w = cell[:, 0].max() + 1, cell[:, 1].max() + 1  # grid size of the view
+                torch.testing.assert_close(rc, torch.stack([(cell[:, 0] + 0.5) / h, (cell[:, 1] + 0.5) / w], -1))
+            assert len(set(maps["image"][b].tolist()) - {-1}) == 1  # one image per sample here

@@ -188,10 +188,11 @@ class VLMAdapter:
     #   sets of kinds from ``models.vision_maps.KINDS``; on every encoder run the hook clears ``store`` and
     #   appends one record of that run (its content is the adapter's business). ``handle.remove()`` undoes it.
     # * ``vision_token_maps(store, batch) -> dict``: turns the last record into ``{(layer, kind): (B, V) or
-    #   (B, V, d)}`` per visual token of ``batch`` in sequence order (one sample's images concatenated), plus
-    #   ``"layout"``: (B, V) long, 0 = the image's base view, k >= 1 = high-resolution tile k, -1 = a token without
-    #   a spatial cell (its maps hold NaN). ``batch`` is as for :meth:`visual_coords`. Raises ValueError (one line)
-    #   when the record does not fit the batch.
+    #   (B, V, d)}`` per visual token of ``batch`` in sequence order (one sample's images concatenated), plus the
+    #   geometry: ``"layout"`` (B, V) long: 0 = the image's base view, k >= 1 = high-resolution tile k, -1 = a
+    #   token without a spatial cell (its maps hold NaN); ``"image"`` (B, V) long: which encoded image (a batch-wide
+    #   index); ``"cell"`` (B, V, 2): integer (row, col) of the token in its view's grid (tiles: the stitched grid).
+    #   ``batch`` is as for :meth:`visual_coords`. Raises ValueError (one line) when the record does not fit.
 
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""

@@ -119,34 +119,42 @@ class _LlavaBase(VLMAdapter):
         return HandleGroup(handles)
 
     def vision_token_maps(self, store: list, batch: Any) -> dict:
-        """See :meth:`VLMAdapter.vision_token_maps`."""
+        """See :meth:`VLMAdapter.vision_token_maps`. Per crop the channels layout, image, row, col (the patch's cell
+        in its view's grid; LLaVA-NeXT tiles in the stitched grid) are packed with the maps, so every map lands on
+        the LLM token its patch feature lands on."""
         import torch
 
         from schedsearch.models.vision_maps import stack_per_sample
 
-        self._grid_side()  # only the 'default' feature strategy (patches without [CLS]) maps 1:1 to tokens
+        side = self._grid_side()  # only the 'default' feature strategy (patches without [CLS]) maps 1:1 to tokens
         if not store or not store[-1]:
             raise ValueError("no vision-encoder run was recorded for this batch")
         rec = store[-1]
         keys = sorted(rec, key=str)
-        widths = [1 if rec[key].dim() == 2 else rec[key].shape[-1] for key in keys]
         crops = next(iter(rec.values())).shape[0]
-        layout = torch.zeros(crops, next(iter(rec.values())).shape[1], 1)
-        feats = torch.cat([layout] + [rec[key].reshape(crops, rec[key].shape[1], -1).float().cpu() for key in keys],
-                          dim=-1)  # (crops, P, 1 + channels)
+        cell = torch.arange(side * side)
+        geo = torch.stack([torch.zeros(side * side), torch.zeros(side * side), (cell // side).float(),
+                           (cell % side).float()], dim=-1).expand(crops, -1, -1)  # layout, image, row, col
+        feats = torch.cat([geo] + [rec[key].reshape(crops, side * side, -1).float().cpu() for key in keys], dim=-1)
         per_image = self._pack_maps(feats, batch)
         counts = self.visual_mask(batch["input_ids"]).sum(1).tolist()
-        packed = stack_per_sample(per_image, counts)  # (B, V, 1 + channels)
-        out: dict = {"layout": packed[..., 0].nan_to_num(-1.0).long()}
-        at = 1
-        for key, width in zip(keys, widths, strict=True):
+        packed = stack_per_sample(per_image, counts)  # (B, V, 4 + channels)
+        out: dict = {"layout": packed[..., 0].nan_to_num(-1.0).long(), "image": packed[..., 1].nan_to_num(-1).long(),
+                     "cell": packed[..., 2:4]}
+        at = 4
+        for key in keys:
+            width = 1 if rec[key].dim() == 2 else rec[key].shape[-1]
             val = packed[..., at : at + width]
             out[key] = val[..., 0] if rec[key].dim() == 2 else val
             at += width
         return out
 
     def _pack_maps(self, feats: Any, batch: Any) -> list[Any]:
-        """(crops, P, C) per-crop maps -> per image (n_i, C) in the LLM's token order (one crop per image)."""
+        """(crops, P, C) per-crop channels -> per image (n_i, C) in the LLM's token order (one crop per image)."""
+        import torch
+
+        feats = feats.clone()
+        feats[..., 1] = torch.arange(feats.shape[0], dtype=feats.dtype)[:, None]
         return list(feats)
 
     @staticmethod
@@ -210,7 +218,7 @@ class LlavaNextAdapter(_LlavaBase):
 def _pack_next_maps(model: Any, feats: Any, batch: Any) -> list[Any]:
     """LLaVA-NeXT: per-crop maps packed exactly like the image features, by the model's own public
     ``pack_image_features`` (base view, then the tiles stitched, unpadded, one newline per row). Channel 0 carries
-    the crop index (0 = base view, k = tile k); newline tokens get NaN in every channel."""
+    the crop index (0 = base view, k = tile k), 1 the image, 2-3 the cell; newline tokens get NaN in every channel."""
     import torch
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -225,9 +233,20 @@ def _pack_next_maps(model: Any, feats: Any, batch: Any) -> list[Any]:
                                          patch_size=cfg.vision_config.image_size) for s in sizes]
     if sum(n_crops) != feats.shape[0]:
         raise ValueError(f"the vision encoder ran on {feats.shape[0]} crops but image_sizes imply {sum(n_crops)}")
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
     feats = feats.clone()
-    crop_index = torch.cat([torch.arange(n, dtype=feats.dtype) for n in n_crops])
-    feats[..., 0] = crop_index[:, None]
+    side = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
+    at = 0
+    for img, (size, n) in enumerate(zip(sizes, n_crops, strict=True)):
+        feats[at : at + n, :, 1] = img
+        feats[at : at + n, :, 0] = torch.arange(n, dtype=feats.dtype)[:, None]  # 0 = base view, k = tile k
+        if n > 1:  # tiles are stitched row-major into one (nph * side) x (npw * side) grid
+            _, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            tile = torch.arange(n - 1, dtype=feats.dtype)
+            feats[at + 1 : at + n, :, 2] += (tile // npw)[:, None] * side
+            feats[at + 1 : at + n, :, 3] += (tile % npw)[:, None] * side
+        at += n
     newline = torch.full((feats.shape[-1],), float("nan"), dtype=feats.dtype)
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     packed, _ = model.model.pack_image_features(list(torch.split(feats, n_crops)), torch.tensor(sizes), strategy,

@@ -289,13 +289,23 @@ class _QwenAdapter(VLMAdapter):
         if not store or store[-1].get("grid") is None:
             raise ValueError("no vision-encoder run was recorded for this batch")
         rec = store[-1]
-        sizes = [int(t * h * w) // self.merge_size**2 for t, h, w in rec["grid"].tolist()]
+        m = self.merge_size
+        sizes, images, cells = [], [], []
+        for k, (t, h, w) in enumerate(rec["grid"].tolist()):
+            hh, ww = h // m, w // m
+            sizes.append(t * hh * ww)
+            images.append(torch.full((t * hh * ww,), k, dtype=torch.long))
+            cell = torch.arange(hh * ww)
+            frame = torch.arange(t).repeat_interleave(hh * ww)
+            # frames stacked with a gap row, so tokens of different frames are never grid neighbours
+            cells.append(torch.stack([(cell.repeat(t) // ww + frame * (hh + 1)).float(),
+                                      (cell.repeat(t) % ww).float()], dim=-1))
         counts = self.visual_mask(batch["input_ids"]).sum(1).tolist()
-        out: dict = {}
-        for key, val in rec.items():
-            if key != "grid":
-                out[key] = stack_per_sample(list(torch.split(val, sizes)), counts)
-        out["layout"] = torch.zeros(len(counts), counts[0] if counts else 0, dtype=torch.long)
+        out: dict = {key: stack_per_sample(list(torch.split(val, sizes)), counts)
+                     for key, val in rec.items() if key != "grid"}
+        out["image"] = stack_per_sample(images, counts)
+        out["cell"] = stack_per_sample(cells, counts)
+        out["layout"] = torch.zeros_like(out["image"])
         return out
 
     @staticmethod

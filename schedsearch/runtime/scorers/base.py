@@ -39,8 +39,9 @@ class ScoreContext:
     #: ``needs_coords = True`` (the runtime asks the adapter's ``visual_coords`` once per prefill)
     coords: torch.Tensor | None = None
     #: vision-encoder maps per ORIGINAL visual token, filled only for scorers with ``vision_layers`` (see
-    #: :func:`vision_map`): ``{(layer, kind): (B, V_orig[, d])}`` plus ``"layout"`` (B, V_orig) (0 = base view,
-    #: k >= 1 = tile k, -1 = no spatial cell, e.g. LLaVA-NeXT's newline tokens)
+    #: :func:`vision_map`): ``{(layer, kind): (B, V_orig[, d])}`` plus the geometry ``"layout"`` (0 = base view,
+    #: k >= 1 = tile k, -1 = no spatial cell, e.g. LLaVA-NeXT's newline tokens), ``"image"`` and ``"cell"``
+    #: (integer row, col in the view's grid); see ``VLMAdapter.vision_token_maps``
     vision: dict | None = None
     #: (B, n) ORIGINAL sequence position of every alive token (what observers, see :class:`Scorer`, index by)
     alive_orig: torch.Tensor | None = None
