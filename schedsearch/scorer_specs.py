@@ -149,6 +149,9 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.hiprune:HiPrune",
         {"object_layer": _VLAYER(8), "deep_layer": _VLAYER(-2), "alpha": Float(0.1, low=0.0, high=1.0)},
         since="1.2", summary="HiPrune: mid-layer anchors + their grid neighbours + deep-layer registers"),
+    "dart": ScorerSpec(
+        "schedsearch.runtime.scorers.dart:DART", {"image_pivots": Int(4, 1, 256), "text_pivots": Int(4, 0, 256)},
+        since="1.2", summary="DART: pivot tokens by key norm, then per pivot the least similar tokens"),
 }
 
 

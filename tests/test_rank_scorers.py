@@ -263,3 +263,103 @@ def test_hiprune_interior_anchors_agree_with_the_raster_rule():
     kept = sorted(sc(ctx)[0].argsort(descending=True, stable=True)[:n_keep].tolist())
     assert kept == _hiprune_by_hand(obj[0].tolist(), deep[0].tolist(), n_keep, 1.0, side, raster=True)
     assert {17, 19, 10, 26} <= set(kept)  # the first anchor's four neighbours
+
+
+# ----------------------------------------------------------------------------- DART
+class _FakeLayer(torch.nn.Module):
+    """A decoder layer's parts that key-based rankings use: identity input norm, a linear k_proj / q_proj."""
+
+    def __init__(self, d: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.input_layernorm = torch.nn.Identity()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.k_proj = torch.nn.Linear(d, d, bias=False)
+        self.self_attn.q_proj = torch.nn.Linear(d, d, bias=False)
+
+
+def _rope_free(ctx):
+    n, d = ctx.hidden_states.shape[1], ctx.head_dim
+    ctx.cos = torch.ones(ctx.hidden_states.shape[0], n, d)
+    ctx.sin = torch.zeros(ctx.hidden_states.shape[0], n, d)
+    return ctx
+
+
+def _dart_by_hand(keys, states, n_vis, p_img, p_txt, n_keep):
+    """get_retained_image_token for one sample (sequence = [text, visual x n_vis, text...]) with pivots visited in
+    sequence order. keys/states: per position."""
+    l1 = [float(k.abs().sum()) for k in keys]
+    vis = list(range(1, 1 + n_vis))
+    txt = list(range(1 + n_vis, len(keys)))
+    img_piv = sorted(vis, key=lambda i: (-l1[i], i))[:p_img]
+    txt_piv = sorted(txt, key=lambda i: (-l1[i], i))[:p_txt]
+    per = int(n_keep / (p_img + p_txt))  # the reference's TOKEN_TOPK
+    chosen = set(img_piv)
+    valid = [i for i in vis if i not in img_piv]
+    for piv in sorted(img_piv + txt_piv):
+        cos = [float(torch.nn.functional.cosine_similarity(states[piv], states[i], dim=0)) for i in valid]
+        best = sorted(range(len(valid)), key=lambda j: (cos[j], j))[:per]  # topk of -cos
+        picked = [valid[j] for j in best]
+        chosen.update(picked)
+        valid = [i for i in valid if i not in picked]
+    return sorted(i - 1 for i in chosen)
+
+
+@pytest.mark.parametrize("n_keep", [12, 20])  # n_keep = 8q + 4: the reference then keeps exactly n_keep
+def test_dart_matches_the_reference_loop(n_keep):
+    gen = torch.Generator().manual_seed(n_keep)
+    d, v, t = 8, 30, 6
+    h, text = torch.randn(2, v, d, generator=gen), torch.randn(2, t, d, generator=gen)
+    layer = _FakeLayer(d, seed=n_keep)
+    ctx = _rope_free(_ctx(h, n_keep, text=text, layer=layer))
+    sc = build_scorer("dart", {})
+    scores = sc(ctx)  # used outside apply_schedule: the layer's own keys, no final norm
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(ctx.hidden_states)
+    for b in range(2):
+        kept = sorted(scores[b].argsort(descending=True, stable=True)[:n_keep].tolist())
+        want = _dart_by_hand(list(keys[b]), list(ctx.hidden_states[b]), v, 4, 4, n_keep)
+        assert kept == want
+        assert int((scores[b] > 0).sum()) == n_keep
+
+
+def test_dart_uses_the_previous_layers_keys_inside_the_runtime(tiny_dir):
+    """In apply_schedule the pivots come from layer K-1's keys: the ranking at K = 2 differs from one that would
+    use layer 2's own keys, and equals the hand rule on layer 1's recorded input."""
+    from schedsearch.models import load_model
+    from schedsearch.runtime.scorers.base import layer_keys
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    batch = ad.prepare([[im] for im in tiny_images(1, seed=4)], ["where is the square in the picture?"])
+    seen = {}
+    hooks = [ad.decoder_layers[i].register_forward_pre_hook(
+        lambda m, a, kw, _i=i: seen.__setitem__(_i, (a[0] if a else kw["hidden_states"],
+                                                     kw["position_embeddings"])), with_kwargs=True)
+        for i in (1,)]
+    try:
+        with torch.no_grad():
+            ad.model(**batch)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    sched = {"keep_ratios": [1.0, 1.0] + [0.5] * (ad.num_layers - 2),
+             "scorer": {"name": "dart", "params": {"image_pivots": 1, "text_pivots": 0}}}
+    vis = ad.visual_mask(batch["input_ids"])[0]
+    with torch.no_grad(), apply_schedule(ad.model, sched, adapter=ad) as h:
+        ad.model(**batch)
+        kept = h.kept_indices[2][0]
+    kept_vis = kept[vis[kept]]
+    hs1, (cos, sin) = seen[1]
+    from schedsearch.runtime.scorers import ScoreContext
+
+    cfg = ad.text_config
+    ctx1 = ScoreContext(layer=ad.decoder_layers[1], layer_idx=1, hidden_states=hs1, cos=cos, sin=sin,
+                        key_valid=torch.ones_like(vis)[None], visual_local=vis.nonzero().T,
+                        visual_orig=torch.arange(int(vis.sum()))[None], text_mask=~vis[None], n_keep=1,
+                        head_dim=cfg.hidden_size // cfg.num_attention_heads, num_heads=cfg.num_attention_heads,
+                        num_kv_heads=cfg.num_key_value_heads)
+    with torch.no_grad():
+        l1 = layer_keys(ctx1).abs().sum(dim=(1, 3))[0]
+    pos = vis.nonzero().flatten()
+    pivot = int(pos[torch.argsort(l1[pos], descending=True, stable=True)[0]])
+    assert pivot in kept_vis.tolist()  # the layer-1 key-norm pivot survives

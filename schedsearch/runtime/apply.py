@@ -149,13 +149,13 @@ class ScheduleHandle:
             self._handles.append(self.adapter.vision_attention_hook(self._maps))
         if self._vision_request:
             self._handles.append(self.adapter.vision_maps_hook(self._vision_request, self._vision_store))
-        if hasattr(self.scorer, "attach"):  # observation hooks of the scorer (e.g. TransPrune's transitions)
-            self._handles.extend(self.scorer.attach(list(self.adapter.decoder_layers), self._prefill_view))
         self._handles.append(text.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         for i, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(
                 layer.register_forward_pre_hook(lambda m, a, k, _i=i: self._layer_pre(_i, m, a, k), with_kwargs=True)
             )
+        if hasattr(self.scorer, "attach"):  # observers of the scorer, after ours: they see the survivors' inputs
+            self._handles.extend(self.scorer.attach(text, self._prefill_view))
 
     def remove(self) -> None:
         for h in self._handles:

@@ -59,8 +59,9 @@ class Scorer(Protocol):
       the vision encoder's depth and the layers whose attention is global (adapter ``vision_encoder_layers``);
       the runtime records those maps during every vision-encoder run (adapter ``vision_maps_hook``) and fills
       ``ctx.vision`` per original visual token. Kinds are those of ``schedsearch.models.vision_maps.KINDS``.
-    * ``attach(layers, view) -> [handles]``: called once at install with the decoder layers; the scorer may put
-      observation hooks on them (never changing their outputs); ``view()`` returns the current prefill's
+    * ``attach(text_model, view) -> [handles]``: called once at install with the decoder stack (``.layers``,
+      ``.norm``); the scorer may put observation hooks on it (never changing outputs), registered after the
+      runtime's own, so a layer pre-hook sees the survivors' inputs; ``view()`` returns the current prefill's
       :class:`PrefillView` or None (no pruning prefill running, or a decode step). The runtime removes the
       handles on exit.
     * ``begin(batch_info)``: called at the start of every prefill that prunes (reset per-prefill state).
@@ -106,16 +107,13 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
     bsz, n, _ = h.shape
     hq = h.gather(1, query_local[..., None].expand(-1, -1, h.shape[-1]))
     q = attn.q_proj(hq).view(bsz, -1, ctx.num_heads, ctx.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(bsz, n, ctx.num_kv_heads, ctx.head_dim).transpose(1, 2)
-    # optional per-head norms (Qwen3-style models)
-    if getattr(attn, "q_norm", None) is not None:
+    if getattr(attn, "q_norm", None) is not None:  # optional per-head norms (Qwen3-style models)
         q = attn.q_norm(q)
-        k = attn.k_norm(k)
+    k = layer_keys(ctx, use_rope, normed=h)
     if use_rope:
         qc = ctx.cos.gather(1, query_local[..., None].expand(-1, -1, ctx.cos.shape[-1]))
         qs = ctx.sin.gather(1, query_local[..., None].expand(-1, -1, ctx.sin.shape[-1]))
         q = rope(q, qc, qs)
-        k = rope(k, ctx.cos, ctx.sin)
     groups = ctx.num_heads // ctx.num_kv_heads
     k = k.repeat_interleave(groups, dim=1)  # GQA: (B, H, n, hd)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * ctx.head_dim**-0.5  # (B, H, Q, n)
@@ -124,6 +122,17 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs.mean(dim=1)  # (B, Q, n)
+
+
+def layer_keys(ctx: ScoreContext, use_rope: bool = True, normed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H_kv, n, hd) keys the drop layer computes for the alive tokens (what its KV cache would hold)."""
+    attn = ctx.layer.self_attn
+    h = ctx.layer.input_layernorm(ctx.hidden_states) if normed is None else normed
+    bsz, n, _ = h.shape
+    k = attn.k_proj(h).view(bsz, n, ctx.num_kv_heads, ctx.head_dim).transpose(1, 2)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    return rope(k, ctx.cos, ctx.sin) if use_rope else k
 
 
 def take_visual(rows: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
