@@ -24,6 +24,8 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "visionzip/states": ({"similarity": "states", "contextual": 0.3}, True, True),
     "hiprune": ({"alpha": 0.5}, True, True),
     "dart": ({"image_pivots": 2, "text_pivots": 2}, False, False),
+    "transprune": ({"start": 0}, False, False),
+    "transprune/ttv": ({"start": 0, "iga": False}, False, False),  # its softmax spans the whole sequence
 }
 
 

@@ -363,3 +363,52 @@ def test_dart_uses_the_previous_layers_keys_inside_the_runtime(tiny_dir):
     pos = vis.nonzero().flatten()
     pivot = int(pos[torch.argsort(l1[pos], descending=True, stable=True)[0]])
     assert pivot in kept_vis.tolist()  # the layer-1 key-norm pivot survives
+
+
+# ----------------------------------------------------------------------------- TransPrune
+@pytest.mark.parametrize("iga", [True, False])
+def test_transprune_matches_the_reference_rule(tiny_dir, iga):
+    """Drop before layer 3 of the tiny Qwen, transitions accumulated over layers 1-2: the kept set equals
+    TTV/sum + IGA/sum computed by loops over the captured sublayer inputs/outputs and eager attention weights."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    batch = ad.prepare([[im] for im in tiny_images(1, seed=5)], ["is the red square left of the circle?"])
+    cap: dict = {}
+    hooks = []
+    for i in (1, 2):
+        layer = ad.decoder_layers[i]
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, a, kw, out, _i=i: cap.__setitem__((_i, "attn"), (kw["hidden_states"][0], out[0][0])),
+            with_kwargs=True))
+        hooks.append(layer.mlp.register_forward_hook(
+            lambda m, a, out, _i=i: cap.__setitem__((_i, "mlp"), (a[0][0], out[0]))))
+    ad.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = ad.model(**batch, output_attentions=True).attentions[3][0].float()  # (H, n, n)
+    finally:
+        ad.model.set_attn_implementation("sdpa")
+        for hk in hooks:
+            hk.remove()
+    ids = batch["input_ids"][0]
+    vis = ad.visual_mask(batch["input_ids"])[0]
+    pos = vis.nonzero().flatten().tolist()
+    after = [i for i in range(len(ids)) if i > pos[-1]]
+    ttv = []
+    for j in pos:
+        total = 0.0
+        for x, y in cap.values():
+            cos = torch.nn.functional.cosine_similarity
+            e = [float(torch.exp(1 - cos(x[i], y[i], dim=0))) for i in range(len(ids))]
+            total += float(y[j].norm() / x[j].norm()) * e[j] / sum(e)
+        ttv.append(total)
+    iga_raw = [float(att[:, after, j].mean()) for j in pos]
+    score = [t / sum(ttv) + (g / sum(iga_raw) if iga else 0.0) for t, g in zip(ttv, iga_raw, strict=True)]
+    n_keep = len(pos) // 2
+    sched = {"keep_ratios": [1.0, 1.0, 1.0, 0.5], "scorer": {"name": "transprune", "params": {"start": 1, "iga": iga}}}
+    with torch.no_grad(), apply_schedule(ad.model, sched, adapter=ad) as h:
+        ad.model(**batch)
+        kept = h.kept_indices[3][0]
+    got = sorted(pos.index(i) for i in kept.tolist() if vis[i])
+    assert got == _top_by_hand(score, n_keep)

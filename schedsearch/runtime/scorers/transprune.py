@@ -1,0 +1,94 @@
+"""``transprune``: token transition variation accumulated over layers, plus instruction-guided attention.
+
+TransPrune (Li et al., arXiv 2507.20630, Sec. 3); reference liaolea/TransPrune
+``llava/model/modeling_llama_transprune.py`` (``compute_transf_weight``, ``transprune_rank_drop``). For every
+decoder layer from ``start`` (default 6: the reference accumulates its layers 7..12, 1-indexed) up to the drop, and
+for both sublayers (attention, MLP) with input x (after the sublayer's norm) and output y (before the residual):
+
+    TV(token) = ||y|| / ||x||  *  exp(1 - cos(x, y)) / sum over the sequence of exp(1 - cos(x, y))
+
+TTV = the sum of TV over those layers and both sublayers. At the drop the score of a visual token is
+TTV / sum_visual(TTV) + IGA / sum_visual(IGA), where IGA (``iga``, default on) is the attention the instruction
+tokens (the text after the image) pay to it in the drop layer, mean over heads and those tokens (the reference
+computes it with the layer the pruned sequence enters next, as here).
+
+Deliberate differences: the sequence-wide softmax skips padding tokens (the reference runs one sample at a time);
+positions are not renumbered after a drop (the reference renumbers); a drop at or before ``start`` has no
+transitions yet and ranks by IGA alone (all-zero scores, i.e. the earliest tokens, when ``iga`` is off too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from schedsearch.runtime.scorers.base import (
+    PrefillView,
+    ScoreContext,
+    attention_rows,
+    take_visual,
+    text_after_visual,
+)
+
+
+def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, n) TransPrune's transition weight of each token for one sublayer (``compute_transf_weight``)."""
+    x, y = x.float(), y.float()
+    length = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+    e = torch.exp(1.0 - torch.nn.functional.cosine_similarity(x, y, dim=-1)) * valid
+    return length * e / e.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class TransPrune:
+    name = "transprune"
+
+    def __init__(self, start: int = 6, iga: bool = True):
+        self.start = int(start)
+        self.iga = bool(iga)
+        self._acc: torch.Tensor | None = None  # (B, N_prefill) TTV per ORIGINAL position
+
+    def attach(self, text_model: Any, view: Callable[[], PrefillView | None]) -> list:
+        def observe(x: torch.Tensor, y: Any) -> None:
+            v = view()
+            if v is None:
+                return
+            y = y[0] if isinstance(y, tuple) else y
+            with torch.no_grad():
+                w = transition(x, y, v.valid)
+                if self._acc is None:
+                    self._acc = torch.zeros(w.shape[0], int(v.alive.max()) + 1, device=w.device)
+                elif self._acc.shape[1] <= int(v.alive.max()):
+                    self._acc = torch.nn.functional.pad(self._acc, (0, int(v.alive.max()) + 1 - self._acc.shape[1]))
+                self._acc.scatter_add_(1, v.alive, w)
+
+        handles = []
+        for i, layer in enumerate(text_model.layers):
+            if i < self.start:
+                continue
+            handles.append(layer.self_attn.register_forward_hook(
+                lambda m, a, kw, out: observe(a[0] if a else kw["hidden_states"], out), with_kwargs=True))
+            handles.append(layer.mlp.register_forward_hook(lambda m, a, out: observe(a[0], out)))
+        return handles
+
+    def begin(self, batch_info: dict) -> None:
+        self._acc = None
+
+    def __call__(self, ctx: ScoreContext) -> torch.Tensor:
+        bsz, v = ctx.visual_local.shape
+        score = torch.zeros(bsz, v, device=ctx.visual_local.device)
+        if self._acc is not None and ctx.alive_orig is not None:
+            seq = ctx.alive_orig.gather(1, ctx.visual_local)
+            ttv = self._acc.to(score.device).gather(1, seq.clamp(max=self._acc.shape[1] - 1))
+            score = score + ttv / ttv.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.iga:
+            text = text_after_visual(ctx)
+            n = text.shape[1]
+            queries = torch.arange(n, device=text.device).expand(bsz, n)
+            rows = attention_rows(ctx, queries, use_rope=True)  # (B, n, n)
+            w = text.float()
+            mean = (rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+            iga = take_visual(mean, ctx)
+            score = score + iga / iga.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        return score
