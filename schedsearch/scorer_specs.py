@@ -155,6 +155,9 @@ SCORERS: dict[str, ScorerSpec] = {
     "transprune": ScorerSpec(
         "schedsearch.runtime.scorers.transprune:TransPrune", {"start": Int(6, 0, 1023), "iga": Bool(True)},
         since="1.2", summary="TransPrune: token transition variation from layer start on + instruction attention"),
+    "flowcut": ScorerSpec(
+        "schedsearch.runtime.scorers.flowcut:FlowCut", {"layer": _VLAYER(-2)}, since="1.2",
+        summary="FlowCut: [CLS]-relay information-flow score accumulated over the vision layers"),
 }
 
 

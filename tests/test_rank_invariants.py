@@ -26,6 +26,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "dart": ({"image_pivots": 2, "text_pivots": 2}, False, False),
     "transprune": ({"start": 0}, False, False),
     "transprune/ttv": ({"start": 0, "iga": False}, False, False),  # its softmax spans the whole sequence
+    "flowcut": ({"layer": -1}, True, True),
 }
 
 

@@ -412,3 +412,40 @@ def test_transprune_matches_the_reference_rule(tiny_dir, iga):
         kept = h.kept_indices[3][0]
     got = sorted(pos.index(i) for i in kept.tolist() if vis[i])
     assert got == _top_by_hand(score, n_keep)
+
+
+# ----------------------------------------------------------------------------- FlowCut
+def test_flowcut_matches_the_reference_score(llava):
+    """Per layer (CLS attn / sum + CLS-value softmax / sum) * ||mean-head value||_1, EMA 0.5 over layers 0..1,
+    from the eager attention weights and the values of each layer's captured input, as loops."""
+    ad, batch = llava
+    att = _eager_attentions(ad, batch)
+    inputs = {}
+    hooks = [ad.vision_tower.encoder.layers[i].self_attn.register_forward_pre_hook(
+        lambda m, a, kw, _i=i: inputs.__setitem__(_i, kw["hidden_states"]), with_kwargs=True) for i in (0, 1)]
+    try:
+        with torch.no_grad():
+            ad.vision_tower(batch["pixel_values"])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    n = att[0].shape[-1] - 1
+    k = round(0.25 * n)
+    kept = _kept_at0(ad, batch, "flowcut", {"layer": -1})
+    for b in range(2):
+        cum = None
+        for layer in (0, 1):
+            mod = ad.vision_tower.encoder.layers[layer].self_attn
+            heads, hd = mod.num_heads, mod.head_dim
+            with torch.no_grad():
+                vals = mod.v_proj(inputs[layer][b]).view(-1, heads, hd)  # (1 + P, H, hd)
+            cls = [sum(float(att[layer][b, h, 0, 1 + j]) for h in range(heads)) / heads for j in range(n)]
+            sims = []
+            for h in range(heads):
+                dots = torch.stack([vals[0, h] @ vals[i, h] for i in range(n + 1)])
+                sims.append(torch.softmax(dots, 0)[1:])
+            sim = [float(sum(s[j] for s in sims) / heads) for j in range(n)]
+            l1 = [float(vals[1 + j].mean(0).abs().sum()) for j in range(n)]
+            s = [(cls[j] / sum(cls) + sim[j] / sum(sim)) * l1[j] for j in range(n)]
+            cum = s if cum is None else [0.5 * c + 0.5 * x for c, x in zip(cum, s, strict=True)]
+        assert kept[b] == _top_by_hand(cum, k)
