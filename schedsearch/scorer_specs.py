@@ -158,6 +158,11 @@ SCORERS: dict[str, ScorerSpec] = {
     "flowcut": ScorerSpec(
         "schedsearch.runtime.scorers.flowcut:FlowCut", {"layer": _VLAYER(-2)}, since="1.2",
         summary="FlowCut: [CLS]-relay information-flow score accumulated over the vision layers"),
+    "mmtok": ScorerSpec(
+        "schedsearch.runtime.scorers.mmtok:MMTok",
+        {"alpha": Float(0.5, low=0.0, high=1e3), "text_temperature": Float(0.02, low=1e-4, high=1e3),
+         "vision_temperature": Float(0.2, low=1e-4, high=1e3)}, since="1.2",
+        summary="MMTok: greedy maximum coverage of the instruction and of the visual tokens"),
 }
 
 

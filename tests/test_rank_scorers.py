@@ -449,3 +449,33 @@ def test_flowcut_matches_the_reference_score(llava):
             s = [(cls[j] / sum(cls) + sim[j] / sum(sim)) * l1[j] for j in range(n)]
             cum = s if cum is None else [0.5 * c + 0.5 * x for c, x in zip(cum, s, strict=True)]
         assert kept[b] == _top_by_hand(cum, k)
+
+
+# ----------------------------------------------------------------------------- MMTok
+def _mmtok_by_hand(x, z, k, alpha, tau_t, tau_v):
+    """mm_coverage_selection's non-JIT loop for one sample, with explicit Python loops for the gains."""
+    x = [v / v.norm() for v in x]
+    z = [v / v.norm() for v in z]
+    m, n = len(z), len(x)
+    p = [torch.softmax(torch.stack([zi @ xj for xj in x]) / tau_t, 0) / m for zi in z]
+    q = [torch.softmax(torch.stack([xi @ xj for xj in x]) / tau_v, 0) / n for xi in x]
+    rows = [list(map(float, r)) for r in p] + [[alpha * float(c) for c in r] for r in q]
+    best = [0.0] * len(rows)
+    picks = []
+    for _ in range(k):
+        gains = [-1.0 if j in picks else sum(max(0.0, r[j] - bst) for r, bst in zip(rows, best, strict=True))
+                 for j in range(n)]
+        j = max(range(n), key=lambda c: (gains[c], -c))
+        picks.append(j)
+        best = [max(bst, r[j]) for r, bst in zip(rows, best, strict=True)]
+    return picks
+
+
+def test_mmtok_matches_the_reference_loop():
+    gen = torch.Generator().manual_seed(7)
+    h, text = torch.randn(2, 16, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    sc = build_scorer("mmtok", {"text_temperature": 0.1})
+    scores = sc(_ctx(h, 6, text=text))
+    for b in range(2):
+        order = scores[b].argsort(descending=True, stable=True)[:6].tolist()
+        assert order == _mmtok_by_hand(list(h[b]), list(text[b]), 6, 0.5, 0.1, 0.2)
