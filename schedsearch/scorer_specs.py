@@ -163,6 +163,9 @@ SCORERS: dict[str, ScorerSpec] = {
         {"alpha": Float(0.5, low=0.0, high=1e3), "text_temperature": Float(0.02, low=1e-4, high=1e3),
          "vision_temperature": Float(0.2, low=1e-4, high=1e3)}, since="1.2",
         summary="MMTok: greedy maximum coverage of the instruction and of the visual tokens"),
+    "todre": ScorerSpec(
+        "schedsearch.runtime.scorers.todre:ToDRE", since="1.2",
+        summary="ToDRE: greedy k-center diversity at the first drop, instruction relevance at later drops"),
 }
 
 

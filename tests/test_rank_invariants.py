@@ -28,6 +28,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "transprune/ttv": ({"start": 0, "iga": False}, False, False),  # its softmax spans the whole sequence
     "flowcut": ({"layer": -1}, True, True),
     "mmtok": ({}, False, False),
+    "todre": ({}, False, False),
 }
 
 

@@ -479,3 +479,42 @@ def test_mmtok_matches_the_reference_loop():
     for b in range(2):
         order = scores[b].argsort(descending=True, stable=True)[:6].tolist()
         assert order == _mmtok_by_hand(list(h[b]), list(text[b]), 6, 0.5, 0.1, 0.2)
+
+
+# ----------------------------------------------------------------------------- ToDRE
+def _relevance_by_hand(ctx, layer):
+    """Mean over the text tokens after the image of their softmax attention (causal, one head) to each visual
+    token, from the fake layer's q/k."""
+    hs = ctx.hidden_states[0]
+    with torch.no_grad():
+        q, k = layer.self_attn.q_proj(hs), layer.self_attn.k_proj(hs)
+    v = ctx.visual_local.shape[1]
+    after = list(range(1 + v, hs.shape[0]))
+    rel = []
+    for j in range(1, 1 + v):
+        total = 0.0
+        for i in after:
+            logits = torch.stack([q[i] @ k[t] for t in range(i + 1)]) * ctx.head_dim**-0.5
+            total += float(torch.softmax(logits, 0)[j])
+        rel.append(total / len(after))
+    return rel
+
+
+def test_todre_k_center_from_the_most_relevant_token_then_relevance():
+    gen = torch.Generator().manual_seed(11)
+    d, v = 8, 14
+    h, text = torch.randn(1, v, d, generator=gen), torch.randn(1, 4, d, generator=gen)
+    layer = _FakeLayer(d, seed=3)
+    sc = build_scorer("todre", {})
+    ctx = _rope_free(_ctx(h, 5, text=text, layer=layer))
+    rel = _relevance_by_hand(ctx, layer)
+    picks = [max(range(v), key=lambda j: (rel[j], -j))]  # greedy k-center, cosine distance, by loops
+    unit = [x / x.norm() for x in h[0]]
+    while len(picks) < 5:
+        far = {j: min(1 - float(unit[j] @ unit[c]) for c in picks) for j in range(v) if j not in picks}
+        picks.append(max(far, key=lambda j: (far[j], -j)))
+    assert sc(ctx)[0].argsort(descending=True, stable=True)[:5].tolist() == picks
+    later = _rope_free(_ctx(h, 5, text=text, layer=layer))
+    later.n_visual = v + 10  # some visual tokens were dropped before: the relevance stage
+    got = sc(later)[0]
+    torch.testing.assert_close(got, torch.tensor(rel), atol=1e-6, rtol=1e-5)

@@ -197,3 +197,12 @@ def vision_map(ctx: ScoreContext, layer: int, kind: str, scorer: str, non_spatia
     fill = m.masked_fill(bad, -big).max(dim=1, keepdim=True).values if non_spatial == "max" else \
         m.masked_fill(bad, big).min(dim=1, keepdim=True).values
     return torch.where(bad, fill.expand_as(m), m)
+
+
+def mean_attention(ctx: ScoreContext, queries: torch.Tensor, use_rope: bool = True) -> torch.Tensor:
+    """(B, V) attention the ``queries`` (B, n) bool tokens pay to each alive visual token, mean over heads and over
+    those queries (the drop layer's own q/k; see :func:`attention_rows`)."""
+    bsz, n = queries.shape
+    rows = attention_rows(ctx, torch.arange(n, device=queries.device).expand(bsz, n), use_rope)  # (B, n, n)
+    w = queries.float()
+    return take_visual((rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0), ctx)

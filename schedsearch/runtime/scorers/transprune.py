@@ -24,13 +24,7 @@ from typing import Any
 
 import torch
 
-from schedsearch.runtime.scorers.base import (
-    PrefillView,
-    ScoreContext,
-    attention_rows,
-    take_visual,
-    text_after_visual,
-)
+from schedsearch.runtime.scorers.base import PrefillView, ScoreContext, mean_attention, text_after_visual
 
 
 def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -83,12 +77,6 @@ class TransPrune:
             ttv = self._acc.to(score.device).gather(1, seq.clamp(max=self._acc.shape[1] - 1))
             score = score + ttv / ttv.sum(dim=1, keepdim=True).clamp_min(1e-8)
         if self.iga:
-            text = text_after_visual(ctx)
-            n = text.shape[1]
-            queries = torch.arange(n, device=text.device).expand(bsz, n)
-            rows = attention_rows(ctx, queries, use_rope=True)  # (B, n, n)
-            w = text.float()
-            mean = (rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
-            iga = take_visual(mean, ctx)
+            iga = mean_attention(ctx, text_after_visual(ctx))  # instruction-guided attention
             score = score + iga / iga.sum(dim=1, keepdim=True).clamp_min(1e-8)
         return score
