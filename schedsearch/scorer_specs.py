@@ -166,6 +166,9 @@ SCORERS: dict[str, ScorerSpec] = {
     "todre": ScorerSpec(
         "schedsearch.runtime.scorers.todre:ToDRE", since="1.2",
         summary="ToDRE: greedy k-center diversity at the first drop, instruction relevance at later drops"),
+    "sparsevlm": ScorerSpec(
+        "schedsearch.runtime.scorers.sparsevlm:SparseVLM", {"recycle": Bool(True)}, since="1.2",
+        summary="SparseVLM: relevant text raters' attention ranks; pruned tokens recycled by density-peak clusters"),
 }
 
 

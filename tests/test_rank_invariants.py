@@ -29,6 +29,8 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "flowcut": ({"layer": -1}, True, True),
     "mmtok": ({}, False, False),
     "todre": ({}, False, False),
+    "sparsevlm": ({}, False, False),
+    "sparsevlm/plain": ({"recycle": False}, False, False),
 }
 
 
@@ -160,6 +162,7 @@ def _same_keep_without_merge(ad, batch, sched):
 
 @pytest.mark.parametrize(("name", "params", "merges"), [
     ("visionzip", {"contextual": 0.3}, True), ("visionzip", {"contextual": 0.0}, False),
+    ("sparsevlm", {}, True), ("sparsevlm", {"recycle": False}, False),
 ])
 @torch.no_grad()
 def test_merge_changes_states_not_the_kept_set(tiny_dir, name, params, merges):

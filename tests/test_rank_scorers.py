@@ -518,3 +518,76 @@ def test_todre_k_center_from_the_most_relevant_token_then_relevance():
     later.n_visual = v + 10  # some visual tokens were dropped before: the relevance stage
     got = sc(later)[0]
     torch.testing.assert_close(got, torch.tensor(rel), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- SparseVLM
+def _cluster_by_hand(x, c):
+    """SparseVLM's cluster_and_merge for one sample as loops (deterministic tie break as documented)."""
+    n, d = len(x), x[0].numel()
+    dist = [[float((x[i] - x[j]).norm()) / d**0.5 for j in range(n)] for i in range(n)]
+    dens = [float(torch.exp(-(torch.tensor(sorted(dist[i])[:c]) ** 2).mean())) + i * 1e-9 for i in range(n)]
+    dmax = max(max(r) for r in dist)
+    delta = [min([dist[i][j] for j in range(n) if dens[j] > dens[i]], default=dmax) for i in range(n)]
+    score = [delta[i] * dens[i] for i in range(n)]
+    centres = sorted(range(n), key=lambda i: (-score[i], i))[:c]
+    assign = [min(range(c), key=lambda k: (dist[centres[k]][i], k)) for i in range(n)]
+    for k, ci in enumerate(centres):
+        assign[ci] = k
+    means = [sum(x[i] for i in range(n) if assign[i] == k) / assign.count(k) for k in range(c)]
+    return centres, means
+
+
+def test_sparsevlm_density_peak_clustering_by_hand():
+    from schedsearch.runtime.scorers.sparsevlm import dpc_knn
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(6, 4, generator=gen) + 5, torch.randn(7, 4, generator=gen) - 5])[None]
+    centres, assign = dpc_knn(x, 2)
+    want_c, _ = _cluster_by_hand(list(x[0]), 2)
+    assert centres[0].tolist() == want_c
+    assert len(set(assign[0, :6].tolist())) == 1 and len(set(assign[0, 6:].tolist())) == 1  # the two blobs
+
+
+def test_sparsevlm_matches_the_reference_rule():
+    from schedsearch.runtime.scorers.sparsevlm import recycled_counts
+
+    gen = torch.Generator().manual_seed(9)
+    d, v, t, n_keep = 8, 40, 5, 12
+    h, text = torch.randn(1, v, d, generator=gen), torch.randn(1, t, d, generator=gen)
+    layer = _FakeLayer(d, seed=5)
+    ctx = _rope_free(_ctx(h, n_keep, text=text, layer=layer))
+    sc = build_scorer("sparsevlm", {})
+    scores = sc(ctx)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argsort(1, descending=True)[:, :n_keep], True)
+    new = sc.merge(ctx, keep, scores)
+    # 1. raters: softmax over the text after the image of v . t, mean over visual tokens, above the mean
+    hs = ctx.hidden_states[0]
+    txt = list(range(1 + v, 1 + v + t))
+    r = [sum(float(torch.softmax(torch.stack([hs[j] @ hs[i] for i in txt]), 0)[k]) for j in range(1, 1 + v)) / v
+         for k in range(t)]
+    raters = [txt[k] for k in range(t) if r[k] > sum(r) / t]
+    # 2. relation: raters' mean attention (one head, causal) to each visual token
+    with torch.no_grad():
+        q, k = layer.self_attn.q_proj(hs), layer.self_attn.k_proj(hs)
+    rel = []
+    for j in range(1, 1 + v):
+        rows = [torch.softmax(torch.stack([q[i] @ k[s] for s in range(i + 1)]) * d**-0.5, 0)[j] for i in raters]
+        rel.append(float(sum(rows)) / len(raters))
+    n_top, c = recycled_counts(v, n_keep)
+    order = sorted(range(v), key=lambda j: (-rel[j], j))
+    top, pruned = order[:n_top], order[n_top:]
+    cand = pruned[: int(0.3 * len(pruned)) + 1]
+    centres, means = _cluster_by_hand([h[0, j] for j in cand], c)
+    assert sorted(keep[0].nonzero().flatten().tolist()) == sorted(top + [cand[i] for i in centres])
+    for i, m in zip(centres, means, strict=True):
+        torch.testing.assert_close(new[0, cand[i]], m)
+    assert c >= 1 and n_top + c == n_keep
+
+
+def test_sparsevlm_counts_follow_the_reference_rules():
+    from schedsearch.runtime.scorers.sparsevlm import recycled_counts
+
+    for v, n_keep in ((576, 192), (576, 64), (40, 12), (2880, 320)):
+        n_top, c = recycled_counts(v, n_keep)
+        n_rec = int(0.3 * (v - n_top)) + 1
+        assert n_top + c == n_keep and c == int(n_rec / 10) + 1
