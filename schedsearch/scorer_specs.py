@@ -169,6 +169,10 @@ SCORERS: dict[str, ScorerSpec] = {
     "sparsevlm": ScorerSpec(
         "schedsearch.runtime.scorers.sparsevlm:SparseVLM", {"recycle": Bool(True)}, since="1.2",
         summary="SparseVLM: relevant text raters' attention ranks; pruned tokens recycled by density-peak clusters"),
+    "hired": ScorerSpec(
+        "schedsearch.runtime.scorers.hired:HiRED",
+        {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
+        since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
 }
 
 

@@ -31,6 +31,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "todre": ({}, False, False),
     "sparsevlm": ({}, False, False),
     "sparsevlm/plain": ({"recycle": False}, False, False),
+    "hired": ({}, True, True),
 }
 
 

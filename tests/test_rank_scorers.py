@@ -591,3 +591,53 @@ def test_sparsevlm_counts_follow_the_reference_rules():
         n_top, c = recycled_counts(v, n_keep)
         n_rec = int(0.3 * (v - n_top)) + 1
         assert n_top + c == n_keep and c == int(n_rec / 10) + 1
+
+
+# ----------------------------------------------------------------------------- HiRED
+def _hired_ctx(side, early, late, n_keep):
+    """One image: a side x side base view, then two side x side tiles stitched left | right, then newlines."""
+    base = [(0, 0, (r + 0.5) / side, (c + 0.5) / side) for r in range(side) for c in range(side)]
+    hi = [(1 + c // side, 0, (r + 0.5) / side, (c + 0.5) / (2 * side)) for r in range(side) for c in range(2 * side)]
+    rows = base + hi + [(-1, -1, 0.5, 1.0)] * 2  # two newline tokens
+    layout = torch.tensor([[r[0] for r in rows]])
+    coords = torch.tensor([[(0.0, r[2], r[3]) for r in rows]])
+    v = len(rows)
+    vision = {"layout": layout, "image": torch.where(layout >= 0, 0, -1),
+              "cell": torch.zeros(1, v, 2), (0, "cls"): early, (22, "cls"): late}
+    return _ctx(torch.randn(1, v, 4), n_keep, vision=vision, coords=coords), layout[0].tolist()
+
+
+def test_hired_matches_the_rule_by_hand():
+    side, alpha, n_keep = 4, 0.5, 13
+    gen = torch.Generator().manual_seed(1)
+    v = side * side * 3 + 2
+    early, late = torch.rand(1, v, generator=gen), torch.rand(1, v, generator=gen)
+    early[0, : side * side] = 0.0
+    early[0, [1, 2, 4, 5, 6]] = 1.0  # the early layer's top base tokens lie in the left half: tile 1
+    sc, _ = _installed("hired", {"alpha": alpha})
+    ctx, layout = _hired_ctx(side, early, late, n_keep)
+    kept = sorted(sc(ctx)[0].argsort(descending=True, stable=True)[:n_keep].tolist())
+    # by hand: base gets int(13 * 0.5) = 6; the tiles 7, split by where the top int(16 * 0.5) = 8 early base
+    # tokens fall (nearest high-res token); leftovers by late attention; newlines never
+    e, lt = early[0].tolist(), late[0].tolist()
+    base = [j for j in range(v) if layout[j] == 0]
+    top = lambda js, k: sorted(js, key=lambda j: (-lt[j], j))[:k]  # noqa: E731
+    want = set(top(base, 6))
+    top_early = sorted(base, key=lambda j: (-e[j], j))[:8]
+    owner = [1 if (j % side + 0.5) / side < 0.5 else 2 for j in top_early]  # left half of the image -> tile 1
+    for t in (1, 2):
+        want |= set(top([j for j in range(v) if layout[j] == t], int(owner.count(t) / 8 * 7)))
+    rest = [j for j in range(v) if j not in want and layout[j] >= 0]
+    want |= set(top(rest, n_keep - len(want)))
+    assert kept == sorted(want)
+    assert sum(1 for j in kept if layout[j] == 0) >= 6 and not any(layout[j] == -1 for j in kept)
+
+
+def test_hired_single_partition_is_top_k_of_the_late_layer(llava):
+    ad, batch = llava
+    att = _eager_attentions(ad, batch)
+    n = att[0].shape[-1] - 1
+    kept = _kept_at0(ad, batch, "hired", {})
+    for b in range(2):
+        late = [float(att[-2][b, :, 0, 1 + j].mean()) for j in range(n)]
+        assert kept[b] == _top_by_hand(late, round(0.25 * n))
