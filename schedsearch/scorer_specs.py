@@ -153,7 +153,7 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.dart:DART", {"image_pivots": Int(4, 1, 256), "text_pivots": Int(4, 0, 256)},
         since="1.2", summary="DART: pivot tokens by key norm, then per pivot the least similar tokens"),
     "transprune": ScorerSpec(
-        "schedsearch.runtime.scorers.transprune:TransPrune", {"start": Int(6, 0, 1023), "iga": Bool(True)},
+        "schedsearch.runtime.scorers.transprune:TransPrune", {"start": Int(-1, -1, 1023), "iga": Bool(True)},
         since="1.2", summary="TransPrune: token transition variation from layer start on + instruction attention"),
     "flowcut": ScorerSpec(
         "schedsearch.runtime.scorers.flowcut:FlowCut", {"layer": _VLAYER(-2)}, since="1.2",

@@ -366,10 +366,11 @@ def test_dart_uses_the_previous_layers_keys_inside_the_runtime(tiny_dir):
 
 
 # ----------------------------------------------------------------------------- TransPrune
-@pytest.mark.parametrize("iga", [True, False])
-def test_transprune_matches_the_reference_rule(tiny_dir, iga):
-    """Drop before layer 3 of the tiny Qwen, transitions accumulated over layers 1-2: the kept set equals
-    TTV/sum + IGA/sum computed by loops over the captured sublayer inputs/outputs and eager attention weights."""
+@pytest.mark.parametrize(("iga", "start", "window"), [(True, 1, (1, 2)), (False, 1, (1, 2)), (True, -1, (2,))])
+def test_transprune_matches_the_reference_rule(tiny_dir, iga, start, window):
+    """Drop before layer 3 of the tiny Qwen, transitions accumulated over layers 1-2 (start 1) or, by default, from
+    the layer before the first drop: the kept set equals TTV/sum + IGA/sum computed by loops over the captured
+    sublayer inputs/outputs and eager attention weights."""
     from schedsearch.models import load_model
 
     ad = load_model(tiny_dir("qwen2_5_vl"))
@@ -398,7 +399,9 @@ def test_transprune_matches_the_reference_rule(tiny_dir, iga):
     ttv = []
     for j in pos:
         total = 0.0
-        for x, y in cap.values():
+        for (layer, _), (x, y) in cap.items():
+            if layer not in window:
+                continue
             cos = torch.nn.functional.cosine_similarity
             e = [float(torch.exp(1 - cos(x[i], y[i], dim=0))) for i in range(len(ids))]
             total += float(y[j].norm() / x[j].norm()) * e[j] / sum(e)
@@ -406,7 +409,8 @@ def test_transprune_matches_the_reference_rule(tiny_dir, iga):
     iga_raw = [float(att[:, after, j].mean()) for j in pos]
     score = [t / sum(ttv) + (g / sum(iga_raw) if iga else 0.0) for t, g in zip(ttv, iga_raw, strict=True)]
     n_keep = len(pos) // 2
-    sched = {"keep_ratios": [1.0, 1.0, 1.0, 0.5], "scorer": {"name": "transprune", "params": {"start": 1, "iga": iga}}}
+    sched = {"keep_ratios": [1.0, 1.0, 1.0, 0.5],
+             "scorer": {"name": "transprune", "params": {"start": start, "iga": iga}}}
     with torch.no_grad(), apply_schedule(ad.model, sched, adapter=ad) as h:
         ad.model(**batch)
         kept = h.kept_indices[3][0]

@@ -1,4 +1,4 @@
-"""``schedsearch baseline NAME --budget B``: write a budget-matched fixed schedule (fastv, pdrop, uniform)."""
+"""``schedsearch baseline NAME --budget B``: write a budget-matched fixed schedule (any name of ``BASELINES``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from schedsearch.cli import app
 
 @app.command()
 def baseline(
-    name: str = typer.Argument(..., help="fastv, pdrop or uniform."),
+    name: str = typer.Argument(..., help="fastv, pdrop, uniform, or a method's published profile: fastervlm, "
+                                        "vtc_cls, visionzip, hiprune, flowcut, mmtok, hired, dart, sparsevlm, "
+                                        "transprune, todre."),
     budget: float = typer.Option(..., "--budget", "-b", help="Kept fraction, e.g. 0.2."),
     budget_kind: str = typer.Option("flops", "--budget-kind", help="flops, tokens or kv."),
     model: str = typer.Option("toy", "--model", "-m", help="Alias, directory or hub id."),
@@ -26,11 +28,12 @@ def baseline(
     from schedsearch.models import load_model
     from schedsearch.search.budget import InfeasibleBudget
     from schedsearch.search.driver import _default_calibration, build_schedule
+    from schedsearch.search.fixed import BASELINES
     from schedsearch.search.methods import SearchContext, baseline_candidate
     from schedsearch.search.optimize import SearchError, StudySettings
 
-    if name not in ("fastv", "pdrop", "uniform"):
-        raise SearchError(f"baseline {name!r} is not known: use fastv, pdrop or uniform")
+    if name not in BASELINES:
+        raise SearchError(f"baseline {name!r} is not known: use one of {', '.join(BASELINES)}")
     StudySettings(budget=budget, kind=budget_kind).validate()
     adapter = load_model(model)
     samples = load_manifest(calibration or _default_calibration(model))
