@@ -199,10 +199,19 @@ def vision_map(ctx: ScoreContext, layer: int, kind: str, scorer: str, non_spatia
     return torch.where(bad, fill.expand_as(m), m)
 
 
+def mask_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n) bool -> (idx (B, m), valid (B, m)) with m the largest count: each row's True positions in order,
+    then (padding, ``valid`` False) its first False positions."""
+    m = int(mask.sum(dim=1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :m]
+    valid = mask.gather(1, order)
+    return order, valid
+
+
 def mean_attention(ctx: ScoreContext, queries: torch.Tensor, use_rope: bool = True) -> torch.Tensor:
     """(B, V) attention the ``queries`` (B, n) bool tokens pay to each alive visual token, mean over heads and over
-    those queries (the drop layer's own q/k; see :func:`attention_rows`)."""
-    bsz, n = queries.shape
-    rows = attention_rows(ctx, torch.arange(n, device=queries.device).expand(bsz, n), use_rope)  # (B, n, n)
-    w = queries.float()
+    those queries (the drop layer's own q/k; see :func:`attention_rows`). Only the query rows are computed."""
+    idx, valid = mask_indices(queries)
+    rows = attention_rows(ctx, idx, use_rope)  # (B, m, n)
+    w = valid.float()
     return take_visual((rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0), ctx)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from schedsearch.runtime.scorers.base import ScoreContext, text_after_visual, visual_states
+from schedsearch.runtime.scorers.base import ScoreContext, mask_indices, text_after_visual, visual_states
 
 #: gains within this fraction of a step's best gain count as equal: a batch and its samples alone differ by float
 #: rounding in the encoder, and identical tokens (e.g. LLaVA-NeXT's newlines) must not be ordered by that noise
@@ -55,11 +55,12 @@ class MMTok:
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         x = torch.nn.functional.normalize(visual_states(ctx), dim=-1)  # (B, n, D)
-        text = text_after_visual(ctx)  # (B, L)
-        z = torch.nn.functional.normalize(ctx.hidden_states.float(), dim=-1)  # (B, L, D); non-text rows masked
-        m = text.sum(dim=1, keepdim=True).clamp_min(1).float()  # (B, 1)
-        p = torch.softmax(z @ x.transpose(1, 2) / self.tau_t, dim=2) / m[..., None]  # (B, L, n)
-        p = p * text[..., None]
+        idx, valid = mask_indices(text_after_visual(ctx))  # (B, m): the instruction tokens, padded
+        hs = ctx.hidden_states
+        z = torch.nn.functional.normalize(hs.gather(1, idx[..., None].expand(-1, -1, hs.shape[-1])).float(), dim=-1)
+        m = valid.sum(dim=1, keepdim=True).clamp_min(1).float()  # (B, 1)
+        p = torch.softmax(z @ x.transpose(1, 2) / self.tau_t, dim=2) / m[..., None]  # (B, m, n)
+        p = p * valid[..., None]
         n = x.shape[1]
         q = torch.softmax(x @ x.transpose(1, 2) / self.tau_v, dim=2) / n  # (B, n, n)
         return greedy_coverage(torch.cat([p, self.alpha * q], dim=1), ctx.n_keep)

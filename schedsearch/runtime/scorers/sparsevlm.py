@@ -30,6 +30,7 @@ import torch
 from schedsearch.runtime.scorers.base import (
     PrefillView,
     ScoreContext,
+    mask_indices,
     mean_attention,
     text_after_visual,
     visual_states,
@@ -39,14 +40,18 @@ from schedsearch.runtime.scorers.observers import PreviousLayer
 
 def rater_mask(h: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """(B, n) bool raters among ``text`` (B, n): SparseVLM's m_v_t = softmax_t(v . t).mean(v) > its mean."""
-    h = h.float()
-    logits = h @ h.transpose(1, 2)  # (B, n, n): rows = visual tokens, columns = text tokens
-    logits = logits.masked_fill(~text[:, None, :], float("-inf"))
+    d = h.shape[-1]
+    v_idx, v_ok = mask_indices(visual)
+    t_idx, t_ok = mask_indices(text)
+    hv = h.gather(1, v_idx[..., None].expand(-1, -1, d)).float()
+    ht = h.gather(1, t_idx[..., None].expand(-1, -1, d)).float()
+    logits = (hv @ ht.transpose(1, 2)).masked_fill(~t_ok[:, None, :], float("-inf"))  # (B, V, T)
     probs = torch.softmax(logits, dim=2).nan_to_num(0.0)
-    vis = visual.float()
-    rel = (probs * vis[..., None]).sum(dim=1) / vis.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, n) over text
-    mean = (rel * text).sum(dim=1, keepdim=True) / text.sum(dim=1, keepdim=True).clamp_min(1)
-    return text & (rel > mean)
+    w = v_ok.float()
+    rel = (probs * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, T)
+    mean = (rel * t_ok).sum(dim=1, keepdim=True) / t_ok.sum(dim=1, keepdim=True).clamp_min(1)
+    chosen = t_ok & (rel > mean)
+    return torch.zeros_like(text).scatter(1, t_idx, chosen) & text
 
 
 def dpc_knn(x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
