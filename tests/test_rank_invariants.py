@@ -174,3 +174,20 @@ def test_merge_changes_states_not_the_kept_set(tiny_dir, name, params, merges):
     sched = _sched(ad.num_layers, name, params, [0.5] * ad.num_layers)
     merged, plain = _same_keep_without_merge(ad, batch, sched)
     assert torch.equal(merged, plain) != merges
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "/" not in n])
+@torch.no_grad()
+def test_dropping_every_visual_token_works(tiny_dir, name):
+    """A schedule may keep nothing (ToDRE's profile does, from half depth): every scorer copes with n_keep = 0."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    batch = _batch(ad, ["what is it?", "where is the square?"])
+    vis = ad.visual_mask(batch["input_ids"])
+    sched = _sched(ad.num_layers, name, CASES[name][0], [0.5] * (ad.num_layers - 1) + [0.0])
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        out = ad.model(**batch).logits
+        last = h.kept_indices[ad.num_layers - 1]
+    assert torch.isfinite(out).all()
+    assert int(vis.gather(1, last).sum()) == 0

@@ -6,6 +6,8 @@ the reference's inputs; decoder-side rankings run on hand-made score contexts.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -645,3 +647,25 @@ def test_hired_single_partition_is_top_k_of_the_late_layer(llava):
     for b in range(2):
         late = [float(att[-2][b, :, 0, 1 + j].mean()) for j in range(n)]
         assert kept[b] == _top_by_hand(late, round(0.25 * n))
+
+
+# ----------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize(("name", "params", "needle"), [
+    ("visionzip", {"contextual": 2.0}, "scorer.params.contextual=2.0 is outside [0, 1]"),
+    ("visionzip", {"similarity": "keys"}, "scorer.params.similarity='keys' is not known: use one of vision_keys"),
+    ("hiprune", {"alpha": "x"}, "scorer.params.alpha='x' is not a number"),
+    ("hiprune", {"object_layer": 1.5}, "scorer.params.object_layer=1.5 is not an integer"),
+    ("dart", {"image_pivots": 0}, "scorer.params.image_pivots=0 is outside [1, 256]"),
+    ("transprune", {"iga": 1}, "scorer.params.iga=1 is not a boolean"),
+    ("mmtok", {"text_temperature": 0.0}, "scorer.params.text_temperature=0.0 is outside"),
+    ("sparsevlm", {"merge": True}, "scorer.params.merge is not a parameter of scorer 'sparsevlm'"),
+    ("todre", {"k": 1}, "scorer.params.k is not a parameter of scorer 'todre' (known: none)"),
+    ("hired", {"late_layer": -65}, "scorer.params.late_layer=-65 is outside [-64, 63]"),
+])
+def test_bad_params_are_refused_like_validate(name, params, needle):
+    from schedsearch.schedule import Scorer
+
+    with pytest.raises(ScheduleError, match=re.escape(needle)):
+        Scorer(name=name, params=params)
+    with pytest.raises(ScheduleError):
+        build_scorer(name, params)
