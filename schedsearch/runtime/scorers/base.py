@@ -215,3 +215,13 @@ def mean_attention(ctx: ScoreContext, queries: torch.Tensor, use_rope: bool = Tr
     rows = attention_rows(ctx, idx, use_rope)  # (B, m, n)
     w = valid.float()
     return take_visual((rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0), ctx)
+
+
+def tiered(values: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) scores in tiers: the ``first`` (B, k) tokens 2 + value (by ``values`` in [0, 1] among themselves),
+    then the ``second`` (B, c) tokens 1, the rest 0 -- for rankings whose kept set is a union of two picks."""
+    scores = torch.zeros_like(values)
+    scores.scatter_(1, first, 2.0 + values.gather(1, first).clamp_min(0))
+    if second is not None:
+        scores.scatter_(1, second, 1.0)
+    return scores

@@ -33,6 +33,7 @@ from schedsearch.runtime.scorers.base import (
     mask_indices,
     mean_attention,
     text_after_visual,
+    tiered,
     visual_states,
 )
 from schedsearch.runtime.scorers.observers import PreviousLayer
@@ -147,12 +148,7 @@ class SparseVLM:
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         plan = self._plan(ctx)
-        rel = plan["relation"]
-        scores = torch.zeros_like(rel)
-        scores.scatter_(1, plan["top"], 2.0 + rel.gather(1, plan["top"]).clamp_min(0))
-        if plan["centres"] is not None:
-            scores.scatter_(1, plan["centres"], 1.0)
-        return scores
+        return tiered(plan["relation"], plan["top"], plan["centres"])
 
     def merge(self, ctx: ScoreContext, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         plan = self._plan(ctx)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from schedsearch.errors import ScheduleError
-from schedsearch.runtime.scorers.base import ScoreContext, resolve_vision_layer, vision_map, visual_states
+from schedsearch.runtime.scorers.base import ScoreContext, resolve_vision_layer, tiered, vision_map, visual_states
 
 
 class VisionZip:
@@ -77,12 +77,7 @@ class VisionZip:
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         plan = self._plan(ctx)
-        attn = plan["attn"]
-        scores = torch.zeros_like(attn)
-        scores.scatter_(1, plan["dominant"], 2.0 + attn.gather(1, plan["dominant"]).clamp_min(0))
-        if plan["targets"] is not None:
-            scores.scatter_(1, plan["targets"], 1.0)
-        return scores
+        return tiered(plan["attn"], plan["dominant"], plan["targets"])
 
     def merge(self, ctx: ScoreContext, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         plan = self._plan(ctx)
