@@ -11,6 +11,12 @@ free ``vNNNN.json`` name with ``os.link``, which fails atomically if another wri
 first (then the next number is tried). Readers never see a partial file and two exports at once
 never overwrite each other. Entries are immutable; ``remove`` unlinks one version.
 
+Entry ids are untrusted input (they come from the command line): :meth:`Library.path_of` is the one place
+that turns an id into a path. An id must match ``<model-key>/<kind>-<budget>/vNNNN`` exactly and its file must
+lie inside the library root once symlinks are resolved; anything else is a one-line :class:`LibraryError`,
+so ``show``/``remove`` never read or delete outside the library. Listing goes through the same check and
+reports a damaged or foreign entry (with the reason) instead of skipping it silently.
+
 Resolution (``resolve(fingerprint, budget)``): among entries for the model whose achieved budget (of
 the requested kind) is <= the budget, the one with the largest achieved value wins (the most compute
 the budget allows, hence the least pruning); ties go to the lower objective value, then the newest.
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schedsearch.errors import SchedsearchError
-from schedsearch.schedule import Schedule, load_schedule
+from schedsearch.schedule import BUDGET_KINDS, Schedule, load_schedule
 
 
 class LibraryError(SchedsearchError):
@@ -37,6 +43,20 @@ def library_home() -> Path:
         return Path(os.environ["SCHEDSEARCH_HOME"]).expanduser() / "library"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "schedsearch" / "library"
+
+
+_MODEL_KEY = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # what _model_key writes; no leading dot, so never "." or ".."
+_ENTRY_ID = re.compile(rf"({_MODEL_KEY})/((?:{'|'.join(BUDGET_KINDS)})-[0-9]\.[0-9]{{4}})/(v[0-9]{{4}})")
+_ID_FORM = "<model-key>/<kind>-<budget>/vNNNN, e.g. qwen2_5_vl-0123abcd/flops-0.2000/v0001"
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A file in the library that looks like an entry but cannot be used; ``reason`` is one line."""
+
+    id: str
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -55,7 +75,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def _model_key(s: Schedule) -> str:
     fp = s.model.fingerprint or "nofingerprint"
-    return _SAFE.sub("_", f"{s.model.family}-{fp}")
+    return _SAFE.sub("_", f"{s.model.family}-{fp}").lstrip(".") or "_"
 
 
 def _budget_key(s: Schedule) -> str:
@@ -70,8 +90,12 @@ class Library:
         """Store a schedule as a new version; returns its entry."""
         s = schedule if isinstance(schedule, Schedule) else load_schedule(schedule)
         folder = self.root / _model_key(s) / _budget_key(s)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        except OSError as err:
+            raise LibraryError(f"cannot write to the schedule library {self.root}: {err.strerror or err}; "
+                               "set SCHEDSEARCH_HOME (or --home) to a writable folder") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(s.to_json())
@@ -79,6 +103,8 @@ class Library:
                 os.fsync(fh.fileno())
             for _ in range(10_000):
                 n = self._next_version(folder)
+                if n > 9999:
+                    break
                 target = folder / f"v{n:04d}.json"
                 try:
                     os.link(tmp, target)  # atomic, fails if the name exists
@@ -95,31 +121,65 @@ class Library:
 
     def _id(self, path: Path) -> str:
         rel = path.relative_to(self.root)
-        return str(rel.with_suffix(""))
+        return rel.with_suffix("").as_posix()
 
-    def entries(self, fingerprint: str | None = None) -> list[Entry]:
-        out = []
+    def path_of(self, entry_id: str) -> Path:
+        """The file of an entry id, or a LibraryError: the only place ids become paths (ids are untrusted)."""
+        if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
+            shown = repr(entry_id)[:120]
+            raise LibraryError(f"{shown} is not a library entry id (expected {_ID_FORM}): "
+                               "see `schedsearch library list`")
+        path = self.root / f"{entry_id}.json"
+        try:
+            inside = path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError) as err:  # symlink loop, unreadable folder
+            raise LibraryError(f"library entry {entry_id!r} cannot be resolved: {err}") from None
+        if not inside:
+            raise LibraryError(f"library entry {entry_id!r} points outside the library {self.root} "
+                               "(a symlink); it is neither read nor removed: delete the link by hand")
+        return path
+
+    def scan(self, fingerprint: str | None = None) -> tuple[list[Entry], list[Damaged]]:
+        """All entries (optionally of one model) and the damaged files among them, each with its reason."""
+        good: list[Entry] = []
+        bad: list[Damaged] = []
         if not self.root.is_dir():
-            return out
+            return good, bad
         for p in sorted(self.root.glob("*/*/v[0-9][0-9][0-9][0-9].json")):
             if fingerprint is not None and not p.parent.parent.name.endswith(f"-{fingerprint}"):
                 continue
+            entry_id = self._id(p)
             try:
-                out.append(Entry(self._id(p), p, load_schedule(p)))
-            except SchedsearchError:
-                continue  # a foreign or damaged file is skipped, never fatal for the whole library
-        return out
+                path = self.path_of(entry_id)
+                good.append(Entry(entry_id, path, self._load(path)))
+            except SchedsearchError as err:
+                bad.append(Damaged(entry_id, p, str(err)))
+        return good, bad
+
+    def entries(self, fingerprint: str | None = None) -> list[Entry]:
+        """The usable entries; damaged ones are left out here (see :meth:`scan`, which reports them)."""
+        return self.scan(fingerprint)[0]
+
+    @staticmethod
+    def _load(path: Path) -> Schedule:
+        try:
+            return load_schedule(path)
+        except OSError as err:  # a folder named like an entry, unreadable file
+            raise LibraryError(f"cannot read {path}: {err.strerror or err}") from None
 
     def get(self, entry_id: str) -> Entry:
-        p = self.root / f"{entry_id}.json"
+        p = self.path_of(entry_id)
         if not p.is_file():
             raise LibraryError(f"no library entry {entry_id!r} under {self.root}: see `schedsearch library list`")
-        return Entry(entry_id, p, load_schedule(p))
+        return Entry(entry_id, p, self._load(p))
 
     def remove(self, entry_id: str) -> Path:
-        e = self.get(entry_id)
-        e.path.unlink()
-        return e.path
+        """Delete one version. The id is checked by :meth:`path_of`; a damaged entry can be removed too."""
+        p = self.path_of(entry_id)
+        if not p.is_file():
+            raise LibraryError(f"no library entry {entry_id!r} under {self.root}: see `schedsearch library list`")
+        p.unlink()
+        return p
 
     def resolve(self, fingerprint: str, budget: float, kind: str = "flops") -> Entry:
         if not (0.0 < float(budget) <= 1.0):

@@ -56,8 +56,8 @@ def list_(
         from schedsearch.models import load_model
 
         fp = load_model(model).fingerprint()
-    entries = Library(home).entries(fp)
-    if not entries:
+    entries, damaged = Library(home).scan(fp)
+    if not entries and not damaged:
         typer.echo("the library is empty" if fp is None else f"no schedules stored for {model}")
         return
     for e in entries:
@@ -66,6 +66,8 @@ def list_(
         ach = "-" if s.budget.achieved is None else f"{s.budget.achieved:.4f}"
         typer.echo(f"{e.id}  {s.model.name}  {s.budget.kind} {s.budget.requested:g} (achieved {ach})  "
                    f"objective {obj}  {s.method.name}")
+    for d in damaged:  # listed, never skipped silently; `library remove ID` deletes one
+        typer.echo(f"{d.id}  DAMAGED: {d.reason}")
 
 
 @library_app.command()
