@@ -39,3 +39,19 @@ def test_profile_shapes_follow_the_references():
     assert len(set(hiprune)) == 1
     todre, _ = BASELINES["todre"](L, token_budget, 0.3)
     assert todre[16:] == [0.0] * 16 and len(set(todre[:16])) == 1
+
+
+def test_readme_quotes_the_peer_rankings_table():
+    """The README's sentence on studies/peer_rankings.py quotes its results table, number for number."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "studies" / "results" / "peer_rankings.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    para = readme[readme.index("`studies/peer_rankings.py` compares them"):]
+    para = para[: para.index("\n\n")]
+    quoted = re.findall(r"\b\d\.\d{2,4}x?\b", para)
+    assert len(quoted) >= 8
+    cells = set(re.findall(r"\b\d\.\d{2,4}x?\b", table))
+    assert set(quoted) <= cells, set(quoted) - cells
