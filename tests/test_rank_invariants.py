@@ -191,3 +191,34 @@ def test_dropping_every_visual_token_works(tiny_dir, name):
         last = h.kept_indices[ad.num_layers - 1]
     assert torch.isfinite(out).all()
     assert int(vis.gather(1, last).sum()) == 0
+
+
+@torch.no_grad()
+def test_vision_scorers_with_precomputed_features(tiny_dir):
+    """The search precomputes image features once (the encoder then does not run per trial): a vision-map scorer
+    replays the encoder once per batch and gets the same survivors; maps of an earlier batch are never reused."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    b1 = _batch(ad, ["what is it?"], seed=1)
+    b2 = _batch(ad, ["what is it?"], seed=2)
+    sched = _sched(ad.num_layers, "hiprune", {"alpha": 0.5})
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        ad.model(**b1)
+        want1 = h.kept_indices[0].clone()
+        ad.model(**b2)
+        want2 = h.kept_indices[0].clone()
+    assert not torch.equal(want1, want2)
+    p1, p2 = ad.precompute_vision(b1), ad.precompute_vision(b2)
+    calls = []
+    hook = ad.vision_tower.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for _ in range(2):  # a second handle (trial) reuses the kept record: no further encoder run
+            with apply_schedule(ad.model, sched, adapter=ad) as h:
+                ad.model(**p1)
+                assert torch.equal(h.kept_indices[0], want1)
+                ad.model(**p2)  # the store holds b1's record: it must not be used for b2
+                assert torch.equal(h.kept_indices[0], want2)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # one replay per batch

@@ -108,7 +108,9 @@ def test_vision_scorers_refuse_families_without_maps_and_batches_without_an_enco
     ad, batch = qwen
     from schedsearch.runtime import RuntimeScheduleError
 
-    pre = ad.precompute_vision(batch)  # the encoder does not run in the forward below
+    pre = ad.precompute_vision(batch)  # the encoder does not run in the forward below ...
+    enc = pre["mm_encoder_outputs"]["image"]
+    pre["mm_encoder_outputs"] = {"image": type(enc)(**enc)}  # ... and these features' inputs are unknown
     sched = {"keep_ratios": [0.5] * ad.num_layers, "scorer": {"name": "fastervlm", "params": {}}}
     with apply_schedule(ad.model, sched, adapter=ad), pytest.raises(RuntimeScheduleError,
                                                                      match="vision encoder did not run"):

@@ -165,11 +165,52 @@ class VLMAdapter:
                 "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
             return dict(batch)
         names = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
+        inputs = {k: batch[k] for k in names if k in batch}
         with torch.no_grad():
-            enc = fn(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+            enc = fn(**inputs, return_dict=True)
         out = {k: v for k, v in batch.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
+        self._remember_vision_inputs(enc, inputs)
         return out
+
+    # Rankings that read the vision encoder's maps need the encoder to run; a batch from precompute_vision skips
+    # it. The adapter therefore remembers, while the precomputed features are alive, the inputs they came from,
+    # and replay_vision runs the encoder again once per (batch, request), keeping the record it produced.
+    def _remember_vision_inputs(self, enc: Any, inputs: dict) -> None:
+        import weakref
+
+        table = self.__dict__.setdefault("_vision_inputs", {})
+        key = id(enc)
+        table[key] = (weakref.ref(enc), inputs)
+        records = self.__dict__.setdefault("_vision_records", {})
+
+        def forget(key: int = key) -> None:
+            table.pop(key, None)
+            for k in [k for k in records if k[0] == key]:
+                records.pop(k, None)
+
+        weakref.finalize(enc, forget)
+
+    def replay_vision(self, batch: Any, request: dict, store: list) -> bool:
+        """Fill ``store`` for a batch whose image features were precomputed by :meth:`precompute_vision`: from a
+        kept record, or by running the encoder again (the caller's ``vision_maps_hook`` for ``request`` must be
+        installed). Returns False when the batch's encoder inputs are unknown."""
+        import torch
+
+        enc = (batch.get("mm_encoder_outputs") or {}).get("image")
+        entry = self.__dict__.get("_vision_inputs", {}).get(id(enc)) if enc is not None else None
+        if entry is None or entry[0]() is not enc:
+            return False
+        key = (id(enc), repr(sorted((k, sorted(v)) for k, v in request.items())))
+        records = self.__dict__.setdefault("_vision_records", {})
+        if key not in records:
+            with torch.no_grad():
+                self.model.base_model.get_image_features(**entry[1], return_dict=True)
+            if not store:
+                return False
+            records[key] = store[-1]
+        store[:] = [records[key]]
+        return True
 
     # ------------------------------------------------------- vision-encoder maps (optional interface)
     # Rankings that read the vision encoder's attention (FasterVLM, VTC-CLS, VisionZip, HiPrune, FlowCut, HiRED;

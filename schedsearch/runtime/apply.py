@@ -112,6 +112,7 @@ class ScheduleHandle:
             self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
         self._vision_request: dict | None = None  # layer -> kinds the scorer reads from the vision encoder
         self._vision_store: list = []  # the adapter's record of the last vision-encoder run
+        self._vision_fresh = False  # whether the encoder ran since the last prefill
         if hasattr(self.scorer, "vision_layers"):
             if not hasattr(adapter, "vision_maps_hook"):
                 raise ScheduleError(f"scorer {self.scorer.name} reads the vision encoder's attention, which the "
@@ -189,6 +190,7 @@ class ScheduleHandle:
 
     def _vision_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._batch["_vision_call"] = (args, kwargs)
+        self._vision_fresh = True  # the encoder ran for the coming prefill: its maps are this batch's
         if self._maps is not None:
             self._maps.clear()  # a new image batch: maps of an earlier one must not leak into it
         return None
@@ -220,6 +222,9 @@ class ScheduleHandle:
     def _vision_maps(self) -> dict:
         """The scorer's vision-encoder maps for this prefill, per original visual token (one line if missing)."""
         name = self.scorer.name
+        if not self._vision_store and hasattr(self.adapter, "replay_vision"):  # precomputed image features
+            self.adapter.replay_vision(self._batch_info(), self._vision_request, self._vision_store)
+            self._vision_fresh = False  # the replay ran the encoder for THIS prefill, not the next one
         if not self._vision_store:
             raise RuntimeScheduleError(
                 f"scorer {name} needs the vision encoder's attention, but the vision encoder did not run for this "
@@ -249,6 +254,9 @@ class ScheduleHandle:
         am = kwargs.get("attention_mask")
         valid = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
         if _cache_len(_cache_of(kwargs)) == 0:  # prefill
+            if not self._vision_fresh:  # the encoder did not run for this batch: older maps must not be used
+                self._vision_store.clear()
+            self._vision_fresh = False
             pending, self._pending = self._pending, None
             self._fwd = None
             self.kept_indices = {}
