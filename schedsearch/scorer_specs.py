@@ -106,6 +106,10 @@ class ScorerSpec:
     summary: str = ""
 
 
+def _VLAYER(default: int) -> Int:  # noqa: N802 - a vision-encoder layer index parameter
+    return Int(default, -64, 63)
+
+
 #: name -> spec. Order is the order shown to users.
 SCORERS: dict[str, ScorerSpec] = {
     "last_token_attention": ScorerSpec(
@@ -128,6 +132,47 @@ SCORERS: dict[str, ScorerSpec] = {
         {"source": Choice("caller", ("caller", "vision_attention")),
          "t": Float(1.0, low=0.0, high=1e3), "alpha": Float(0.0, low=-1e3, high=1e3)},
         summary="importance supplied by the caller, or the vision tower's attention map (VFlowOpt)"),
+    # --- schema 1.2: the field's training-free rankings (issue 13); vision layers are Python indices into the
+    # vision encoder (negative = from the end), clamped into it and moved to the nearest global-attention layer
+    "fastervlm": ScorerSpec(
+        "schedsearch.runtime.scorers.vision_attention:FasterVLM", {"layer": _VLAYER(-2)}, since="1.2",
+        summary="FasterVLM/VisPruner: [CLS] attention of a vision layer (no [CLS]: attention received)"),
+    "vtc_cls": ScorerSpec(
+        "schedsearch.runtime.scorers.vision_attention:VTCCLS", {"start": _VLAYER(-8), "end": _VLAYER(-2)},
+        since="1.2", summary="VTC-CLS: [CLS] attention summed over vision layers start..end"),
+    "visionzip": ScorerSpec(
+        "schedsearch.runtime.scorers.visionzip:VisionZip",
+        {"layer": _VLAYER(-2), "contextual": Float(10 / 64, low=0.0, high=1.0),
+         "similarity": Choice("vision_keys", ("vision_keys", "states"))}, since="1.2",
+        summary="VisionZip: dominant tokens by vision attention + contextual tokens merged by key similarity"),
+    "hiprune": ScorerSpec(
+        "schedsearch.runtime.scorers.hiprune:HiPrune",
+        {"object_layer": _VLAYER(8), "deep_layer": _VLAYER(-2), "alpha": Float(0.1, low=0.0, high=1.0)},
+        since="1.2", summary="HiPrune: mid-layer anchors + their grid neighbours + deep-layer registers"),
+    "dart": ScorerSpec(
+        "schedsearch.runtime.scorers.dart:DART", {"image_pivots": Int(4, 1, 256), "text_pivots": Int(4, 0, 256)},
+        since="1.2", summary="DART: pivot tokens by key norm, then per pivot the least similar tokens"),
+    "transprune": ScorerSpec(
+        "schedsearch.runtime.scorers.transprune:TransPrune", {"start": Int(-1, -1, 1023), "iga": Bool(True)},
+        since="1.2", summary="TransPrune: token transition variation from layer start on + instruction attention"),
+    "flowcut": ScorerSpec(
+        "schedsearch.runtime.scorers.flowcut:FlowCut", {"layer": _VLAYER(-2)}, since="1.2",
+        summary="FlowCut: [CLS]-relay information-flow score accumulated over the vision layers"),
+    "mmtok": ScorerSpec(
+        "schedsearch.runtime.scorers.mmtok:MMTok",
+        {"alpha": Float(0.5, low=0.0, high=1e3), "text_temperature": Float(0.02, low=1e-4, high=1e3),
+         "vision_temperature": Float(0.2, low=1e-4, high=1e3)}, since="1.2",
+        summary="MMTok: greedy maximum coverage of the instruction and of the visual tokens"),
+    "todre": ScorerSpec(
+        "schedsearch.runtime.scorers.todre:ToDRE", since="1.2",
+        summary="ToDRE: greedy k-center diversity at the first drop, instruction relevance at later drops"),
+    "sparsevlm": ScorerSpec(
+        "schedsearch.runtime.scorers.sparsevlm:SparseVLM", {"recycle": Bool(True)}, since="1.2",
+        summary="SparseVLM: relevant text raters' attention ranks; pruned tokens recycled by density-peak clusters"),
+    "hired": ScorerSpec(
+        "schedsearch.runtime.scorers.hired:HiRED",
+        {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
+        since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
 }
 
 

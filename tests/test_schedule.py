@@ -90,7 +90,7 @@ def test_json_layout_sorted_keys_two_space_indent() -> None:
     data = json.loads(text)
     assert text == json.dumps(data, sort_keys=True, indent=2) + "\n"
     assert list(data) == sorted(data)
-    assert data["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert data["schema_version"] == SCHEMA_VERSION == "1.2"
     assert data["recycling"] is None and data["objective"] is None
 
 

@@ -1,4 +1,4 @@
-"""``schedsearch baseline NAME --budget B``: write a budget-matched fixed schedule (fastv, pdrop, uniform)."""
+"""``schedsearch baseline NAME --budget B``: write a budget-matched fixed schedule (any name of ``BASELINES``)."""
 
 from __future__ import annotations
 

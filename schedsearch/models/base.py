@@ -205,8 +205,9 @@ class VLMAdapter:
                 "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
             return dict(batch)
         names = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
+        inputs = {k: batch[k] for k in names if k in batch}
         with torch.no_grad():
-            enc = fn(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+            enc = fn(**inputs, return_dict=True)
         layout = self.image_layout(batch)
         if layout is not None:  # only the pixels tell it (e.g. InternVL's tile grids): keep it with the features
             from schedsearch.models.tiles import LAYOUT_ATTR
@@ -214,6 +215,7 @@ class VLMAdapter:
             setattr(enc, LAYOUT_ATTR, layout)
         out = {k: v for k, v in batch.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
+        self._remember_vision_inputs(enc, inputs)
         return out
 
     def rotary(self, layer_idx: int) -> Any:
@@ -226,6 +228,68 @@ class VLMAdapter:
         """Layout facts that only the pixels carry (default: none). Families whose ``visual_coords`` needs them
         return them here; ``precompute_vision`` keeps them with the encoder output (``tiles.attached_layout``)."""
         return None
+
+    # Rankings that read the vision encoder's maps need the encoder to run; a batch from precompute_vision skips
+    # it. The adapter therefore remembers, while the precomputed features are alive, the inputs they came from,
+    # and replay_vision runs the encoder again once per (batch, request), keeping the record it produced.
+    def _remember_vision_inputs(self, enc: Any, inputs: dict) -> None:
+        import weakref
+
+        table = self.__dict__.setdefault("_vision_inputs", {})
+        key = id(enc)
+        table[key] = (weakref.ref(enc), inputs)
+        records = self.__dict__.setdefault("_vision_records", {})
+
+        def forget(key: int = key) -> None:
+            table.pop(key, None)
+            for k in [k for k in records if k[0] == key]:
+                records.pop(k, None)
+
+        weakref.finalize(enc, forget)
+
+    def replay_vision(self, batch: Any, request: dict, store: list) -> bool:
+        """Fill ``store`` for a batch whose image features were precomputed by :meth:`precompute_vision`: from a
+        kept record, or by running the encoder again (the caller's ``vision_maps_hook`` for ``request`` must be
+        installed). Returns False when the batch's encoder inputs are unknown."""
+        import torch
+
+        enc = (batch.get("mm_encoder_outputs") or {}).get("image")
+        entry = self.__dict__.get("_vision_inputs", {}).get(id(enc)) if enc is not None else None
+        if entry is None or entry[0]() is not enc:
+            return False
+        key = (id(enc), repr(sorted((k, sorted(v)) for k, v in request.items())))
+        records = self.__dict__.setdefault("_vision_records", {})
+        if key not in records:
+            with torch.no_grad():
+                self.model.base_model.get_image_features(**entry[1], return_dict=True)
+            if not store:
+                return False
+            records[key] = store[-1]
+        store[:] = [records[key]]
+        return True
+
+    # ------------------------------------------------------- vision-encoder maps (optional interface)
+    # Rankings that read the vision encoder's attention (FasterVLM, VTC-CLS, VisionZip, HiPrune, FlowCut, HiRED;
+    # runtime/scorers/) use three methods. A family that cannot provide them simply does not define them: the
+    # runtime then refuses such a scorer with one line when the schedule is applied. Lifecycle::
+    #
+    #     depth, global_layers = adapter.vision_encoder_layers()       # once, when a schedule is applied
+    #     handle = adapter.vision_maps_hook({22: {"cls"}}, store)      # hooks on the encoder, removed on exit
+    #     ... the encoder runs (prefill or generate()) ...             # the hook CLEARS store, then records
+    #     maps = adapter.vision_token_maps(store, batch)               # per LLM visual token, sequence order
+    #
+    # * ``vision_encoder_layers() -> (depth, global_layers)``: the number of attention layers of the encoder and
+    #   the indices whose attention is global (not windowed); scorers resolve their layer parameters with
+    #   ``runtime.scorers.base.resolve_vision_layer``.
+    # * ``vision_maps_hook(request, store) -> handle``: ``request`` maps resolved layer indices (0..depth-1) to
+    #   sets of kinds from ``models.vision_maps.KINDS``; on every encoder run the hook clears ``store`` and
+    #   appends one record of that run (its content is the adapter's business). ``handle.remove()`` undoes it.
+    # * ``vision_token_maps(store, batch) -> dict``: turns the last record into ``{(layer, kind): (B, V) or
+    #   (B, V, d)}`` per visual token of ``batch`` in sequence order (one sample's images concatenated), plus the
+    #   geometry: ``"layout"`` (B, V) long: 0 = the image's base view, k >= 1 = high-resolution tile k, -1 = a
+    #   token without a spatial cell (its maps hold NaN); ``"image"`` (B, V) long: which encoded image (a batch-wide
+    #   index); ``"cell"`` (B, V, 2): integer (row, col) of the token in its view's grid (tiles: the stitched grid).
+    #   ``batch`` is as for :meth:`visual_coords`. Raises ValueError (one line) when the record does not fit.
 
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""
@@ -251,3 +315,15 @@ def config_fingerprint(config_dict: dict) -> str:
 
     blob = json.dumps(clean(config_dict), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class HandleGroup:
+    """Several hook handles removed together (what the adapters' ``*_hook`` methods return)."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

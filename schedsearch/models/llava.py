@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from schedsearch.models import load_hf_model
-from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
+from schedsearch.models.base import FamilySpec, HandleGroup, VLMAdapter, chat_content
 from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
 
@@ -72,6 +72,86 @@ class _LlavaBase(VLMAdapter):
         batch.pop("token_type_ids", None)
         return batch.to(self.model.device)
 
+    # ------------------------------------------------------------ vision maps (ranking by vision attention)
+    def vision_encoder_layers(self) -> tuple[int, tuple[int, ...]]:
+        """(depth, global layers) of the CLIP tower: every layer attends globally."""
+        depth = len(self.vision_tower.encoder.layers)
+        return depth, tuple(range(depth))
+
+    def vision_maps_hook(self, request: dict[int, frozenset], store: list) -> Any:
+        """See :meth:`VLMAdapter.vision_maps_hook`. Each run appends ``{(layer, kind): (crops, P[, d])}`` for the
+        P patch tokens of every encoded crop ([CLS] dropped after use), from a pre-hook on the layer's
+        ``self_attn`` (its input is already ``layer_norm1``-ed; CLIP has no rotary embedding)."""
+        import torch
+
+        from schedsearch.models.vision_maps import check_kinds, head_maps
+
+        tower = self.vision_tower
+        request = {int(layer): check_kinds(kinds) for layer, kinds in request.items()}
+
+        def tower_pre(module: Any, args: tuple, kwargs: dict) -> None:
+            store.clear()
+            store.append({})
+
+        def attn_pre(layer: int, module: Any, args: tuple, kwargs: dict) -> None:
+            if not store:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            kinds = request[layer]
+            with torch.no_grad():
+                shape = (*h.shape[:-1], module.num_heads, module.head_dim)
+                q, k = (proj(h).view(shape).transpose(1, 2) for proj in (module.q_proj, module.k_proj))
+                v = module.v_proj(h).view(shape).transpose(1, 2) if kinds & {"value_l1", "value_sim"} else None
+                maps = head_maps(q, k, v, kinds, module.scale, has_cls=True)  # (crops, 1 + P[, d])
+                for kind, val in maps.items():
+                    store[-1][(layer, kind)] = val[:, 1:]
+            return None
+
+        handles = [tower.register_forward_pre_hook(tower_pre, with_kwargs=True)]
+        for layer in request:
+            handles.append(tower.encoder.layers[layer].self_attn.register_forward_pre_hook(
+                lambda m, a, kw, _l=layer: attn_pre(_l, m, a, kw), with_kwargs=True))
+        return HandleGroup(handles)
+
+    def vision_token_maps(self, store: list, batch: Any) -> dict:
+        """See :meth:`VLMAdapter.vision_token_maps`. Per crop the channels layout, image, row, col (the patch's cell
+        in its view's grid; LLaVA-NeXT tiles in the stitched grid) are packed with the maps, so every map lands on
+        the LLM token its patch feature lands on."""
+        import torch
+
+        from schedsearch.models.vision_maps import stack_per_sample
+
+        side = self._grid_side()  # only the 'default' feature strategy (patches without [CLS]) maps 1:1 to tokens
+        if not store or not store[-1]:
+            raise ValueError("no vision-encoder run was recorded for this batch")
+        rec = store[-1]
+        keys = sorted(rec, key=str)
+        crops = next(iter(rec.values())).shape[0]
+        cell = torch.arange(side * side)
+        geo = torch.stack([torch.zeros(side * side), torch.zeros(side * side), (cell // side).float(),
+                           (cell % side).float()], dim=-1).expand(crops, -1, -1)  # layout, image, row, col
+        feats = torch.cat([geo] + [rec[key].reshape(crops, side * side, -1).float().cpu() for key in keys], dim=-1)
+        per_image = self._pack_maps(feats, batch)
+        counts = self.visual_mask(batch["input_ids"]).sum(1).tolist()
+        packed = stack_per_sample(per_image, counts)  # (B, V, 4 + channels)
+        out: dict = {"layout": packed[..., 0].nan_to_num(-1.0).long(), "image": packed[..., 1].nan_to_num(-1).long(),
+                     "cell": packed[..., 2:4]}
+        at = 4
+        for key in keys:
+            width = 1 if rec[key].dim() == 2 else rec[key].shape[-1]
+            val = packed[..., at : at + width]
+            out[key] = val[..., 0] if rec[key].dim() == 2 else val
+            at += width
+        return out
+
+    def _pack_maps(self, feats: Any, batch: Any) -> list[Any]:
+        """(crops, P, C) per-crop channels -> per image (n_i, C) in the LLM's token order (one crop per image)."""
+        import torch
+
+        feats = feats.clone()
+        feats[..., 1] = torch.arange(feats.shape[0], dtype=feats.dtype)[:, None]
+        return list(feats)
+
     @staticmethod
     def _grid(h: int, w: int) -> Any:
         import torch
@@ -98,6 +178,9 @@ class LlavaAdapter(_LlavaBase):
 
 class LlavaNextAdapter(_LlavaBase):
     spec = LLAVA_SPECS["llava_next"]
+
+    def _pack_maps(self, feats: Any, batch: Any) -> list[Any]:
+        return _pack_next_maps(self.model, feats, batch)
 
     def visual_coords(self, batch: Any) -> Any:
         import torch
@@ -133,6 +216,45 @@ class LlavaNextAdapter(_LlavaBase):
 
 def _is_pixtral(model: Any) -> bool:
     return getattr(model.config.vision_config, "model_type", None) == "pixtral"
+
+
+def _pack_next_maps(model: Any, feats: Any, batch: Any) -> list[Any]:
+    """LLaVA-NeXT: per-crop maps packed exactly like the image features, by the model's own public
+    ``pack_image_features`` (base view, then the tiles stitched, unpadded, one newline per row). Channel 0 carries
+    the crop index (0 = base view, k = tile k), 1 the image, 2-3 the cell; newline tokens get NaN in every channel."""
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = batch.get("image_sizes")
+    if sizes is None:
+        raise ValueError("LLaVA-NeXT needs image_sizes (the processor's output) to place the high-resolution "
+                         "tokens, and generate() hands it only to the image encoder: prefill with model(**batch), "
+                         "or use a scorer that does not read the vision encoder's maps")
+    cfg = model.config
+    sizes = sizes.tolist() if hasattr(sizes, "tolist") else list(sizes)
+    n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                         patch_size=cfg.vision_config.image_size) for s in sizes]
+    if sum(n_crops) != feats.shape[0]:
+        raise ValueError(f"the vision encoder ran on {feats.shape[0]} crops but image_sizes imply {sum(n_crops)}")
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    feats = feats.clone()
+    side = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
+    at = 0
+    for img, (size, n) in enumerate(zip(sizes, n_crops, strict=True)):
+        feats[at : at + n, :, 1] = img
+        feats[at : at + n, :, 0] = torch.arange(n, dtype=feats.dtype)[:, None]  # 0 = base view, k = tile k
+        if n > 1:  # tiles are stitched row-major into one (nph * side) x (npw * side) grid
+            _, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            tile = torch.arange(n - 1, dtype=feats.dtype)
+            feats[at + 1 : at + n, :, 2] += (tile // npw)[:, None] * side
+            feats[at + 1 : at + n, :, 3] += (tile % npw)[:, None] * side
+        at += n
+    newline = torch.full((feats.shape[-1],), float("nan"), dtype=feats.dtype)
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    packed, _ = model.model.pack_image_features(list(torch.split(feats, n_crops)), torch.tensor(sizes), strategy,
+                                               image_newline=newline)
+    return list(packed)
 
 
 def _num_images(batch: Any, default: int) -> int:

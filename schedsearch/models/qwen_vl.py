@@ -20,7 +20,7 @@ from typing import Any
 
 from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
-from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
+from schedsearch.models.base import FamilySpec, HandleGroup, VLMAdapter, chat_content
 
 __all__ = ["QWEN_SPECS", "Qwen25VLAdapter", "Qwen2VLAdapter", "QwenImageProcessor", "load_qwen_processor"]
 
@@ -251,19 +251,11 @@ class _QwenAdapter(VLMAdapter):
             grid_box["grid"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
         def attn_pre(module: Any, args: tuple, kwargs: dict) -> None:
-            h = args[0] if args else kwargs["hidden_states"]
-            cu = kwargs["cu_seqlens"]
-            cos, sin = kwargs["position_embeddings"]
-            n = h.shape[0]
             with torch.no_grad():
-                q, k, _ = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-                q, k = q.float(), k.float()
-                c, s_ = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-                half = q.shape[-1] // 2
-                rot = lambda x: torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # noqa: E731
-                q, k = q * c + rot(q) * s_, k * c + rot(k) * s_  # RoFormer rotate-half, as the tower does
-                window = self._window_index(visual, grid_box.get("grid"), n // unit, h.device)
-                bounds = cu.tolist()
+                q, k, _ = _qwen_qkv(module, args, kwargs)
+                n = q.shape[0]
+                window = self._window_index(visual, grid_box.get("grid"), n // unit, q.device)
+                bounds = kwargs["cu_seqlens"].tolist()
                 for a, b in zip(bounds[:-1], bounds[1:], strict=False):
                     qa, ka = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1)  # (H, n_i, hd)
                     probs = torch.softmax(qa @ ka.transpose(-1, -2) * module.scaling, dim=-1).mean(0)
@@ -275,15 +267,89 @@ class _QwenAdapter(VLMAdapter):
                     store.append(orig)
             return None
 
-        handles = [visual.register_forward_pre_hook(tower_pre, with_kwargs=True),
-                   attn.register_forward_pre_hook(attn_pre, with_kwargs=True)]
+        return HandleGroup([visual.register_forward_pre_hook(tower_pre, with_kwargs=True),
+                            attn.register_forward_pre_hook(attn_pre, with_kwargs=True)])
 
-        class _Handle:
-            def remove(self_inner) -> None:
-                for hd in handles:
-                    hd.remove()
+    # ------------------------------------------------------------ vision maps (ranking by vision attention)
+    def vision_encoder_layers(self) -> tuple[int, tuple[int, ...]]:
+        """(depth, blocks with global attention): Qwen2.5-VL's ``fullatt_block_indexes``; Qwen2-VL: every block."""
+        visual = self.vision_tower
+        depth = len(visual.blocks)
+        return depth, tuple(getattr(visual, "fullatt_block_indexes", None) or range(depth))
 
-        return _Handle()
+    def vision_maps_hook(self, request: dict[int, frozenset], store: list) -> Any:
+        """See :meth:`VLMAdapter.vision_maps_hook`. Each run appends ``{"grid": grid_thw, (layer, kind): map}``
+        with maps over all merged tokens of the run in their ORIGINAL order (window permutation undone): a
+        merged token's value is the mean over its ``merge_size**2`` patches (LightCompress's VisionZip/VisPruner
+        for Qwen average the 4 patches' received attention the same way)."""
+        import torch
+
+        from schedsearch.models.vision_maps import check_kinds, head_maps
+
+        visual = self.vision_tower
+        unit = self.merge_size**2
+        request = {int(layer): check_kinds(kinds) for layer, kinds in request.items()}
+
+        def tower_pre(module: Any, args: tuple, kwargs: dict) -> None:
+            store.clear()
+            store.append({"grid": kwargs.get("grid_thw", args[1] if len(args) > 1 else None)})
+
+        def block_pre(layer: int, module: Any, args: tuple, kwargs: dict) -> None:
+            if not store:
+                return None
+            kinds = request[layer]
+            with torch.no_grad():
+                q, k, v = _qwen_qkv(module, args, kwargs)
+                n = q.shape[0]
+                parts: dict[str, list] = {kind: [] for kind in kinds}
+                bounds = kwargs["cu_seqlens"].tolist()
+                for a, b in zip(bounds[:-1], bounds[1:], strict=False):  # one segment = one image / frame
+                    seg = head_maps(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                    kinds, module.scaling, has_cls=False)
+                    for kind, val in seg.items():
+                        parts[kind].append(val)
+                window = self._window_index(visual, store[-1]["grid"], n // unit, q.device)
+                for kind, vals in parts.items():
+                    val = torch.cat(vals)
+                    val = val.reshape(n // unit, unit, *val.shape[1:]).mean(dim=1)  # merged tokens, tower order
+                    orig = torch.empty_like(val)
+                    orig[window] = val  # window[i] = original index of the i-th merged token in tower order
+                    store[-1][(layer, kind)] = orig
+            return None
+
+        handles = [visual.register_forward_pre_hook(tower_pre, with_kwargs=True)]
+        for layer in request:
+            handles.append(visual.blocks[layer].attn.register_forward_pre_hook(
+                lambda m, a, kw, _l=layer: block_pre(_l, m, a, kw), with_kwargs=True))
+        return HandleGroup(handles)
+
+    def vision_token_maps(self, store: list, batch: Any) -> dict:
+        """See :meth:`VLMAdapter.vision_token_maps`: the last run's maps split per image by ``grid_thw``."""
+        import torch
+
+        from schedsearch.models.vision_maps import stack_per_sample
+
+        if not store or store[-1].get("grid") is None:
+            raise ValueError("no vision-encoder run was recorded for this batch")
+        rec = store[-1]
+        m = self.merge_size
+        sizes, images, cells = [], [], []
+        for k, (t, h, w) in enumerate(rec["grid"].tolist()):
+            hh, ww = h // m, w // m
+            sizes.append(t * hh * ww)
+            images.append(torch.full((t * hh * ww,), k, dtype=torch.long))
+            cell = torch.arange(hh * ww)
+            frame = torch.arange(t).repeat_interleave(hh * ww)
+            # frames stacked with a gap row, so tokens of different frames are never grid neighbours
+            cells.append(torch.stack([(cell.repeat(t) // ww + frame * (hh + 1)).float(),
+                                      (cell.repeat(t) % ww).float()], dim=-1))
+        counts = self.visual_mask(batch["input_ids"]).sum(1).tolist()
+        out: dict = {key: stack_per_sample(list(torch.split(val, sizes)), counts)
+                     for key, val in rec.items() if key != "grid"}
+        out["image"] = stack_per_sample(images, counts)
+        out["cell"] = stack_per_sample(cells, counts)
+        out["layout"] = torch.zeros_like(out["image"])
+        return out
 
     @staticmethod
     def _window_index(visual: Any, grid: Any, n_units: int, device: Any) -> Any:
@@ -326,6 +392,24 @@ class _QwenAdapter(VLMAdapter):
         finally:
             handle.remove()
         return store
+
+
+def _qwen_qkv(module: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """(q, k, v), each (n, heads, head_dim) float32, of a Qwen vision attention call, with the tower's RoPE on q/k."""
+    import torch
+
+    h = args[0] if args else kwargs["hidden_states"]
+    cos, sin = kwargs["position_embeddings"]
+    n = h.shape[0]
+    q, k, v = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = q.float(), k.float()
+    c, s_ = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    half = q.shape[-1] // 2
+
+    def rot(x: Any) -> Any:
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * c + rot(q) * s_, k * c + rot(k) * s_, v.float()  # RoFormer rotate-half, as the tower does
 
 
 def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:

@@ -40,6 +40,7 @@ from schedsearch.runtime import masks
 from schedsearch.runtime.deepstack import DeepStack, deepstack_post_hook
 from schedsearch.runtime.recycle import cell_ids, merge_into_kept
 from schedsearch.runtime.scorers import External, ScoreContext, build_scorer
+from schedsearch.runtime.scorers.base import PrefillView
 from schedsearch.schedule import RECYCLING_WEIGHTINGS, kept_counts
 
 
@@ -81,6 +82,7 @@ class _Forward:
     total_len: int
     valid: torch.Tensor | None  # (B, L) bool padding mask (None: no padding)
     coords: torch.Tensor | None = None  # (B, V, 3), computed at the first drop when recycling
+    vision: dict | None = None  # vision-encoder maps per original visual token (scorers with vision_layers)
     cur_idx: torch.Tensor | None = None  # (B, n) original positions alive; None = all
     version: int = 0
     decode: bool = False
@@ -110,6 +112,14 @@ class ScheduleHandle:
             self._maps = []
             self.scorer.importance = self._vision_importance
             self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
+        self._vision_request: dict | None = None  # layer -> kinds the scorer reads from the vision encoder
+        self._vision_store: list = []  # the adapter's record of the last vision-encoder run
+        self._vision_fresh = False  # whether the encoder ran since the last prefill
+        if hasattr(self.scorer, "vision_layers"):
+            if not hasattr(adapter, "vision_maps_hook"):
+                raise ScheduleError(f"scorer {self.scorer.name} reads the vision encoder's attention, which the "
+                                    f"{adapter.family} adapter does not provide: choose another scorer")
+            self._vision_request = self.scorer.vision_layers(*adapter.vision_encoder_layers())
         recycling = _field(schedule, "recycling")
         self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
         weighting = _field(recycling, "weighting", "importance")
@@ -143,6 +153,8 @@ class ScheduleHandle:
             self._handles.append(vision.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         if self._maps is not None:
             self._handles.append(self.adapter.vision_attention_hook(self._maps))
+        if self._vision_request:
+            self._handles.append(self.adapter.vision_maps_hook(self._vision_request, self._vision_store))
         self._handles.append(text.register_forward_pre_hook(self._text_pre, with_kwargs=True))
         for i, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(
@@ -151,6 +163,8 @@ class ScheduleHandle:
             if self._deepstack is not None:
                 self._handles.append(layer.register_forward_hook(deepstack_post_hook(self._deepstack,
                                                                                     self._deepstack_state, i)))
+        if hasattr(self.scorer, "attach"):  # observers of the scorer, after ours: they see the survivors' inputs
+            self._handles.extend(self.scorer.attach(text, self._prefill_view))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -162,6 +176,7 @@ class ScheduleHandle:
         if self._deepstack is not None:
             self._deepstack.clear()
         self._batch = {}
+        self._vision_store.clear()
 
     def __enter__(self) -> ScheduleHandle:
         return self
@@ -187,6 +202,7 @@ class ScheduleHandle:
 
     def _vision_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._batch["_vision_call"] = (args, kwargs)
+        self._vision_fresh = True  # the encoder ran for the coming prefill: its maps are this batch's
         if self._maps is not None:
             self._maps.clear()  # a new image batch: maps of an earlier one must not leak into it
         return None
@@ -222,12 +238,43 @@ class ScheduleHandle:
             return False, None
         return True, st.cur_idx
 
+    def _vision_maps(self) -> dict:
+        """The scorer's vision-encoder maps for this prefill, per original visual token (one line if missing)."""
+        name = self.scorer.name
+        if not self._vision_store and hasattr(self.adapter, "replay_vision"):  # precomputed image features
+            self.adapter.replay_vision(self._batch_info(), self._vision_request, self._vision_store)
+            self._vision_fresh = False  # the replay ran the encoder for THIS prefill, not the next one
+        if not self._vision_store:
+            raise RuntimeScheduleError(
+                f"scorer {name} needs the vision encoder's attention, but the vision encoder did not run for this "
+                "batch (e.g. precomputed image features / mm_encoder_outputs): pass pixel values, or use a scorer "
+                "that does not read the vision encoder"
+            )
+        try:
+            return self.adapter.vision_token_maps(self._vision_store, self._batch_info())
+        except ValueError as err:
+            raise RuntimeScheduleError(f"scorer {name} cannot place the vision encoder's maps: {err}") from None
+
+    def _prefill_view(self) -> PrefillView | None:
+        """What observer hooks of the scorer may know about the layer now running (None outside a pruning prefill)."""
+        st = self._fwd
+        if st is None or st.decode:
+            return None
+        n = st.n_prefill
+        bsz = st.visual.shape[0]
+        cur = st.cur_idx if st.cur_idx is not None else torch.arange(n, device=st.visual.device).expand(bsz, n)
+        valid = st.valid.gather(1, cur) if st.valid is not None else torch.ones_like(cur, dtype=torch.bool)
+        return PrefillView(alive=cur, valid=valid, visual=st.visual.gather(1, cur))
+
     def _text_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         seq = embeds.shape[1] if embeds is not None else ids.shape[1]
         valid = masks.padding_mask(kwargs.get("attention_mask"), self._base_mask, seq)
         if _cache_len(_cache_of(kwargs)) == 0:  # prefill
+            if not self._vision_fresh:  # the encoder did not run for this batch: older maps must not be used
+                self._vision_store.clear()
+            self._vision_fresh = False
             pending, self._pending = self._pending, None
             self._fwd = None
             self.kept_indices = {}
@@ -248,7 +295,7 @@ class ScheduleHandle:
                 return None
             self._fwd = _Forward(visual=visual, counts=counts, n_visual=n_vis, n_prefill=seq, total_len=seq,
                                  valid=valid)
-            if isinstance(self.scorer, External):
+            if hasattr(self.scorer, "begin"):  # per-prefill state (External's map, observers' accumulators)
                 self.scorer.begin(self._batch_info())
             if self._deepstack is not None and self._deepstack.take(kwargs):  # added at the survivors instead
                 return args, kwargs
@@ -335,15 +382,24 @@ class ScheduleHandle:
                     what = "recycling" if self.grid else f"scorer {self.scorer.name}"
                     raise RuntimeScheduleError(f"{what} needs the visual tokens' image positions: {err}") from None
             coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
+        if self._vision_request and st.vision is None:
+            st.vision = self._vision_maps()
         ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
                            visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
                            head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                            coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
-                           rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None)
+                           rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None,
+                           vision=st.vision, alive_orig=cur, n_visual=st.n_visual)
         with torch.no_grad():
             scores = self.scorer(ctx).float()
         order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
         keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        merge = getattr(self.scorer, "merge", None)
+        if merge is not None:  # the scorer folds pruned tokens into kept ones (kept count unchanged)
+            with torch.no_grad():
+                merged = merge(ctx, keep_vis, scores)
+            if merged is not None:
+                hs = hs.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged.to(hs.dtype))
         if self.grid:
             vis_h = _gather_seq(hs, vis_local, dim=1)
             merged = merge_into_kept(vis_h, keep_vis, scores, cell_ids(coords, self.grid))

@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from schedsearch.search.budget import BudgetFn, InfeasibleBudget, solve_increasing
+from schedsearch.search.budget import BudgetFn, InfeasibleBudget, clamp_non_increasing, solve_increasing
 
 
 def fastv_ratios(num_layers: int, k: int, r: float) -> list[float]:
@@ -76,4 +76,74 @@ def uniform(num_layers: int, budget_fn: BudgetFn, target: float) -> tuple[list[f
     return uniform_ratios(num_layers, r), {"r": r}
 
 
-BASELINES = {"fastv": fastv, "pdrop": pdrop, "uniform": uniform}
+# --- published default profiles of the issue-13 rankings (schema 1.2 scorers), one solved parameter each ------
+# The methods that prune before the LLM (FasterVLM, VTC-CLS, VisionZip, HiPrune, FlowCut, MMTok, HiRED) are
+# ``uniform``: one keep ratio from layer 0 on, solved for the budget; DART drops once before layer K = 2 (``fastv``'s
+# shape with K = 2). The staged ones follow below; their stage depths are the references' layers on a 32-layer
+# LLM scaled to this depth.
+
+def staged_ratios(num_layers: int, stages: Sequence[tuple[float, float]], scale: float) -> list[float]:
+    """Keep ``min(1, scale * keep)`` from layer ``round(frac * L)`` on, for each (frac, keep) stage; a later stage
+    never keeps more than an earlier one."""
+    out = [1.0] * num_layers
+    for frac, keep in stages:
+        start = max(0, min(num_layers - 1, round(frac * num_layers)))
+        for i in range(start, num_layers):
+            out[i] = min(out[i], min(1.0, scale * keep))
+    return clamp_non_increasing(out)
+
+
+#: SparseVLM (arXiv 2410.04417, Gumpest/SparseVLMs score.py): prune after LLaVA layers 2, 6, 15 (of 32) to
+#: 300 / 200 / 110 of 576 tokens (its 192-token profile); the three counts are scaled together
+SPARSEVLM_STAGES = ((3 / 32, 300 / 576), (7 / 32, 200 / 576), (16 / 32, 110 / 576))
+#: TransPrune (arXiv 2507.20630, liaolea/TransPrune scripts): prune after layers 7, 9, 12 (1-indexed, of 32) to
+#: 0.875 / 0.625 / 0.125 of the tokens; scaled together
+TRANSPRUNE_STAGES = ((7 / 32, 0.875), (9 / 32, 0.625), (12 / 32, 0.125))
+#: ToDRE (arXiv 2505.18757): keep r after the vision encoder, then drop every visual token inside the decoder; the
+#: paper's layer for the second stage is not public: half the depth (our assumption)
+TODRE_STAGES = ((0.0, 1.0), (0.5, 0.0))
+
+
+def _staged(stages: Sequence[tuple[float, float]], hi: float) -> Callable[..., tuple[list[float], dict]]:
+    """Budget-matched staged profile: the keep fractions scaled together; where even keeping nothing at the
+    stages is over budget, the stage depths move proportionally earlier (``stage_scale``, as ``pdrop`` does)."""
+
+    def solve(num_layers: int, budget_fn: BudgetFn, target: float) -> tuple[list[float], dict]:
+        last: InfeasibleBudget | None = None
+        for depth in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0):
+            st = [(frac * depth, keep) for frac, keep in stages]
+            try:
+                scale = solve_increasing(lambda x, st=st: budget_fn(staged_ratios(num_layers, st, x)), target,
+                                         0.0, hi)
+            except InfeasibleBudget as err:
+                last = err
+                continue
+            return staged_ratios(num_layers, st, scale), {"scale": scale, "stage_scale": depth,
+                                                          "stages": [list(x) for x in st]}
+        raise InfeasibleBudget(f"staged profile cannot meet budget {target}: {last}")
+
+    return solve
+
+
+sparsevlm = _staged(SPARSEVLM_STAGES, 576 / 300)
+transprune = _staged(TRANSPRUNE_STAGES, 1 / 0.125)
+todre = _staged(TODRE_STAGES, 1.0)
+
+
+def dart(num_layers: int, budget_fn: BudgetFn, target: float) -> tuple[list[float], dict]:
+    """DART (arXiv 2502.11494): one drop before layer K = 2, the kept fraction solved (FastV's shape)."""
+    return fastv(num_layers, budget_fn, target, k=2)
+
+
+BASELINES = {"fastv": fastv, "pdrop": pdrop, "uniform": uniform,
+             "fastervlm": uniform, "vtc_cls": uniform, "visionzip": uniform, "hiprune": uniform,
+             "flowcut": uniform, "mmtok": uniform, "hired": uniform, "dart": dart,
+             "sparsevlm": sparsevlm, "transprune": transprune, "todre": todre}
+
+#: the scorer each baseline ranks with (the ones not listed here: fastv/pdrop by last-token attention, uniform by
+#: spacing; see ``search.methods.baseline_candidate``); every method's published default parameters
+BASELINE_SCORERS: dict[str, dict] = {
+    name: {"name": name, "params": {}}
+    for name in ("fastervlm", "vtc_cls", "visionzip", "hiprune", "flowcut", "mmtok", "hired", "dart",
+                 "sparsevlm", "transprune", "todre")
+}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schedsearch.search.budget import BudgetFn
-from schedsearch.search.fixed import BASELINES
+from schedsearch.search.fixed import BASELINE_SCORERS, BASELINES
 from schedsearch.search.psigmoid import pcosine, psigmoid
 
 
@@ -99,6 +99,7 @@ METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCo
 def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:
     """A budget-matched fixed baseline (fastv, pdrop, uniform) as a Candidate."""
     ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target)
-    scorer = {"name": "last_token_attention", "params": {"rope": True}} if name in ("fastv", "pdrop") else \
-        {"name": "uniform", "params": {}}
+    scorer = BASELINE_SCORERS.get(name) or (
+        {"name": "last_token_attention", "params": {"rope": True}} if name in ("fastv", "pdrop") else
+        {"name": "uniform", "params": {}})
     return Candidate(ratios, params, scorer)
