@@ -58,6 +58,16 @@ __all__ = [
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel/path.db`` -> ``sqlite:////abs/path.db`` (resolved against the working directory now)."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = uri[len("sqlite:///"):]
+    if path in ("", ":memory:") or path.startswith("/"):
+        return uri
+    return f"sqlite:///{Path(path).resolve()}"
 PROBE_TIMEOUT_S = 3
 _STATUSES = ("FINISHED", "KILLED", "FAILED")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -299,7 +309,10 @@ class Tracker:
         self.experiment_id = ""
         self.tracking_uri = self.requested_uri
         first_error: Exception | None = None
-        for uri in dict.fromkeys([self.requested_uri, DEFAULT_TRACKING_URI, home_store_uri()]):
+        # relative sqlite paths are made absolute here: MLflow caches one store per URI string, so a relative
+        # "sqlite:///mlflow.db" would keep pointing at the directory it was first opened in
+        candidates = [absolute_sqlite(u) for u in (self.requested_uri, DEFAULT_TRACKING_URI, home_store_uri())]
+        for uri in dict.fromkeys(candidates):
             try:
                 self._client, self.experiment_id = self._connect(mlflow, uri)
                 self.tracking_uri = uri
@@ -312,7 +325,7 @@ class Tracker:
                   f"{_one_line(first_error)}) and neither can the local stores {DEFAULT_TRACKING_URI} and "
                   f"{home_store_uri()}; tracking is off for this study, which goes on")
             return
-        if self.tracking_uri != self.requested_uri:
+        if self.tracking_uri != absolute_sqlite(self.requested_uri):
             self.fell_back = True
             what = "is unreachable" if self.requested_uri.startswith(("http://", "https://")) else "cannot be used"
             _warn(f"tracking URI {self.requested_uri} {what} ({type(first_error).__name__}: "

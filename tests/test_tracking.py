@@ -16,7 +16,6 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 from schedsearch.tracking import (  # noqa: E402
-    DEFAULT_TRACKING_URI,
     Tracker,
     TrackingWarning,
     backfill_trials,
@@ -246,8 +245,9 @@ def test_unreachable_uri_falls_back_to_local_store(tmp_path, monkeypatch):
     ours = [w for w in rec if issubclass(w.category, TrackingWarning)]
     assert len(ours) == 1, [str(w.message) for w in rec]
     msg = str(ours[0].message)
-    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and DEFAULT_TRACKING_URI in msg
-    assert tracker.fell_back and tracker.tracking_uri == DEFAULT_TRACKING_URI
+    local_uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"  # the default store, made absolute
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and local_uri in msg
+    assert tracker.fell_back and tracker.tracking_uri == local_uri
     assert (tmp_path / "mlflow.db").is_file()
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's settings were restored
     from mlflow import MlflowClient
