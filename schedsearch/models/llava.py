@@ -75,6 +75,9 @@ class _LlavaBase(VLMAdapter):
     # ------------------------------------------------------------ vision maps (ranking by vision attention)
     def vision_encoder_layers(self) -> tuple[int, tuple[int, ...]]:
         """(depth, global layers) of the CLIP tower: every layer attends globally."""
+        if _is_pixtral(self.model):
+            raise ValueError("the Pixtral vision tower (variable image sizes, 2-D rotary) has no vision-map hook "
+                             "yet; only CLIP/SigLIP-style LLaVA towers have")
         depth = len(self.vision_tower.encoder.layers)
         return depth, tuple(range(depth))
 

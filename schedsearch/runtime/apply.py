@@ -119,7 +119,12 @@ class ScheduleHandle:
             if not hasattr(adapter, "vision_maps_hook"):
                 raise ScheduleError(f"scorer {self.scorer.name} reads the vision encoder's attention, which the "
                                     f"{adapter.family} adapter does not provide: choose another scorer")
-            self._vision_request = self.scorer.vision_layers(*adapter.vision_encoder_layers())
+            try:
+                layers = adapter.vision_encoder_layers()
+            except ValueError as err:
+                raise ScheduleError(f"scorer {self.scorer.name} reads the vision encoder's attention: {err}; "
+                                    "choose another scorer") from None
+            self._vision_request = self.scorer.vision_layers(*layers)
         recycling = _field(schedule, "recycling")
         self.grid = int(_field(recycling, "grid", 0) or 0) if recycling else 0
         weighting = _field(recycling, "weighting", "importance")
