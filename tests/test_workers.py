@@ -90,6 +90,10 @@ def test_three_workers_share_one_study(tmp_path, postgres, tiny_dir, manifest):
     assert len(complete) == 3 * N and len(st.trials) == 3 * N
     assert len({t.number for t in st.trials}) == 3 * N
     assert len({t.user_attrs["worker"] for t in complete}) == 3  # every worker ran trials
+    # each worker's sampler has its own seed (derived from --seed, the study and its invocation number): before,
+    # all three were seeded with --seed and proposed the same N points
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3 * N
+    assert sorted({t.user_attrs["invocation"] for t in complete}) == [0, 1, 2]
 
     parents, children = _runs(mlflow_uri)
     assert len(parents) == 1, [p.info.run_name for p in parents]

@@ -224,7 +224,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
 
     from schedsearch.search.gsearch import GreedySearch
     from schedsearch.search.methods import Candidate
-    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, worker_id
+    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, tag_trial
 
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
@@ -249,7 +249,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         return value
 
     def _record(trial: Any, ratios: list[float]) -> None:
-        trial.set_user_attr("worker", worker_id())
+        tag_trial(trial, settings)
         b = budget_dict(obj, ratios, settings)
         trial.set_user_attr("keep_ratios", ratios)
         trial.set_user_attr("scorer", ctx.scorer)
