@@ -4,7 +4,8 @@ The CLI passes merged settings (defaults < TOML preset < flags). Failure modes t
 are SchedsearchErrors with one line; finished trials live in the Optuna storage (sqlite file by
 default) so Ctrl-C loses nothing and ``--resume`` continues. The MLflow parent run is closed as
 KILLED on Ctrl-C, FAILED on error. The schedule file is written atomically after the winner was
-replayed through the same code path.
+replayed through the same code path; its path is checked before the model is loaded and, should the
+write still fail, the schedule is rescued next to the study storage (output.py) and the exit is non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import SchedsearchError
+from schedsearch.output import OutputError, prepare_output, rescue_dir, save_schedule
 from schedsearch.schedule import SCORER_NAMES
 from schedsearch.search.interrupt import SigintGuard, fail_running
 from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
@@ -156,7 +158,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
     settings.method = s["method"]
     if settings.storage is None:
-        Path(".schedsearch").mkdir(exist_ok=True)
+        prepare_output(".schedsearch", flag="the study folder", folder=True).mkdir(exist_ok=True)
         settings.storage = "sqlite:///.schedsearch/studies.db"
     settings.study_name = settings.study_name or _study_name(s)
     from schedsearch.search.optimize import check_study_name
@@ -164,6 +166,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     calib = Path(s["calibration"]) if s.get("calibration") else _default_calibration(str(s["model"]))
     samples = load_manifest(calib)  # a bad manifest is the first thing to hear about
     check_study_name(settings)  # before loading the model or opening a tracking run
+    out = _output_path(s, settings)  # a bad --out is refused now, not after the search
     from schedsearch.calibration import calibration_hash
 
     calib_hash = calibration_hash(samples)
@@ -191,32 +194,47 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
             study.set_user_attr("mlflow_run_id", run_id)
 
     callbacks = [remember_run, log_trial] + ([progress] if progress else [])
+    finish = _finish_pareto if s.get("pareto") else _finish_single
     with tracker:
-        if s.get("pareto"):
-            return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
-                                  study)
-        if s["method"] == "gsearch":
-            result = run_gsearch(settings, obj, s, callbacks, study)
-        else:
-            result = run_study(settings, obj, callbacks=callbacks, study=study)
-        result.study.set_user_attr("mlflow_run_id", run_id)
-        trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
-                         if t.user_attrs.get("trial_seconds") is not None]
-        objective = {"name": "1-cos(last token, final norm)", "value": result.search_value, "split": "search",
-                     "heldout": result.heldout_value, "n_search": len(obj.samples["search"]),
-                     "n_heldout": len(obj.samples["heldout"])}
-        method_params = {**result.best_params, **result.best.params}
-        sched = build_schedule(adapter, result.best, s, objective=objective, method_params=method_params,
-                               budget=result.budget,
-                               provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
-                                               trial=result.study.best_trial.number, mlflow_run_id=run_id,
-                                               command="schedsearch optimize"))
-        out = Path(s["out"]) if s.get("out") else Path("schedules") / f"{settings.study_name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sched.save(out)
-        _log_summary(tracker, result, sched, out, adapter, obj)
-    _print_table(echo, result, out, setup_s, trial_seconds)
+        result, problems = finish(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
+                                  study, out, setup_s)
+    if problems:  # raised after the run closed: the search itself succeeded and its files are in the run
+        more = f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        raise OutputError(f"{problems[0]}{more} (also in MLflow run {run_id})")
     return result
+
+
+def _finish_single(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any, out: Path,
+                   setup_s: float) -> tuple[Any, list[str]]:
+    """One budget: run the study (or G-Search), replay the winner, write it, log the summary, print the table."""
+    if s["method"] == "gsearch":
+        result = run_gsearch(settings, obj, s, callbacks, study)
+    else:
+        result = run_study(settings, obj, callbacks=callbacks, study=study)
+    result.study.set_user_attr("mlflow_run_id", run_id)
+    trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
+                     if t.user_attrs.get("trial_seconds") is not None]
+    objective = {"name": "1-cos(last token, final norm)", "value": result.search_value, "split": "search",
+                 "heldout": result.heldout_value, "n_search": len(obj.samples["search"]),
+                 "n_heldout": len(obj.samples["heldout"])}
+    method_params = {**result.best_params, **result.best.params}
+    sched = build_schedule(adapter, result.best, s, objective=objective, method_params=method_params,
+                           budget=result.budget,
+                           provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
+                                           trial=result.study.best_trial.number, mlflow_run_id=run_id,
+                                           command="schedsearch optimize"))
+    out, problem = save_schedule(sched, out, rescue=rescue_dir(settings.storage))
+    _log_summary(tracker, result, sched, out, adapter, obj)  # the parent run gets the file either way
+    _print_table(echo, result, out, setup_s, trial_seconds)
+    return result, [problem] if problem else []
+
+
+def _output_path(s: dict, settings: StudySettings) -> Path:
+    """--out (a file; with --pareto a folder), or the default under schedules/, checked writable now."""
+    if s.get("pareto"):
+        return prepare_output(Path(s["out"]) if s.get("out") else Path("schedules"), folder=True)
+    return prepare_output(Path(s["out"]) if s.get("out") else Path("schedules") / f"{settings.study_name}.json")
 
 
 def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
@@ -341,8 +359,11 @@ def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: f
 
 
 def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
-                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any) -> Any:
-    """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget."""
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any,
+                   out_dir: Path, setup_s: float) -> tuple[Any, list[str]]:
+    """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget.
+
+    Returns the result and the one-line problems of files that had to be rescued (raised after the run closes)."""
     from schedsearch import plots
     from schedsearch.search.optimize import run_pareto
 
@@ -350,7 +371,7 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
         raise SearchError("--pareto works with psigmoid, pcosine and vflow (gsearch is greedy, not a sampler)")
     res = run_pareto(settings, obj, budgets, callbacks=callbacks, study=study)
     res.study.set_user_attr("mlflow_run_id", run_id)
-    out_dir = Path(s["out"]) if s.get("out") else Path("schedules")
+    problems = []
     echo(f"{'budget':>7} {'search 1-cos':>13} {'held-out 1-cos':>15} {'FLOPs':>7}  file")
     for b in budgets:
         r = res.per_budget.get(b)
@@ -365,9 +386,9 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
                                provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
                                                trial=r["trial"], mlflow_run_id=run_id,
                                                command="schedsearch optimize --pareto"))
-        out = out_dir / f"{settings.study_name}-{settings.kind}{b}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sched.save(out)
+        out, problem = save_schedule(sched, out_dir / f"{settings.study_name}-{settings.kind}{b}.json",
+                                     rescue=rescue_dir(settings.storage))
+        problems += [problem] if problem else []
         tracker.log_artifact_file(out)
         held = "-" if r["heldout"] is None else f"{r['heldout']:.5f}"
         echo(f"{b:>7} {r['search']:>13.5f} {held:>15} {r['budget']['flops_ratio']:>7.3f}  {out}")
@@ -375,4 +396,4 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
     tracker.log_figure(plots.pareto_plot(points, budgets=budgets), "pareto_front.png")
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
-    return res
+    return res, problems
