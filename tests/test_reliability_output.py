@@ -1,7 +1,8 @@
 """A search's result is never lost to a bad --out: checked before any model is loaded, rescued if the write fails.
 
 Real ``python -m schedsearch optimize`` processes, real files; the disk-full case uses a real, tiny tmpfs when
-this machine allows mounting one (root / CAP_SYS_ADMIN), else the output folder is replaced by a file mid-run.
+this machine allows mounting one (root / CAP_SYS_ADMIN; conftest's ``tmpfs`` fixture), else the output folder is
+replaced by a file mid-run.
 """
 
 from __future__ import annotations
@@ -37,36 +38,6 @@ def manifest(tmp_path):
         lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
     (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return d / "manifest.jsonl"
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``make(name, size_kb)``: a real tmpfs of that size mounted under tmp_path (skips where mounting is denied)."""
-    mounted: list[Path] = []
-
-    def make(name: str, size_kb: int) -> Path:
-        d = tmp_path / name
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)],
-                           capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(d)
-        return d
-
-    yield make
-    for d in reversed(mounted):
-        subprocess.run(["umount", "-l", str(d)], capture_output=True, check=False)
-
-
-def fill(folder: Path) -> None:
-    """Write into ``folder`` until its file system is full (ENOSPC)."""
-    with open(folder / "filler", "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError:
-            pass
 
 
 def one_error(stderr: str) -> str:
@@ -129,7 +100,7 @@ def _wait_for_trials(storage: str, study: str, n: int, proc: subprocess.Popen, t
 
 
 @pytest.mark.slow
-def test_failed_final_write_rescues_the_schedule(tmp_path, manifest, tiny_dir):
+def test_failed_final_write_rescues_the_schedule(tmp_path, manifest, tiny_dir, fill_disk):
     import optuna
     from mlflow import MlflowClient
 
@@ -156,7 +127,7 @@ def test_failed_final_write_rescues_the_schedule(tmp_path, manifest, tiny_dir):
         _wait_for_trials(storage, "s", 1, proc)
         os.kill(proc.pid, signal.SIGSTOP)  # the search is under way and its output was checked: now break it
         if full_disk:
-            fill(outdir)
+            fill_disk(outdir)
         else:
             shutil.rmtree(outdir)
             outdir.write_text("not a folder any more")

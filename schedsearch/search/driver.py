@@ -114,6 +114,15 @@ def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = N
                  echo: Callable[[str], None] = print) -> Any:
     try:
         return _run_optimize(s, resume=resume, progress=progress, echo=echo)
+    except SchedsearchError:
+        raise
+    except Exception as err:  # a fault of the study store (read-only, full, gone) is one line naming its reason
+        from schedsearch.storage import storage_error
+
+        translated = storage_error(err, s.get("storage") or "sqlite:///.schedsearch/studies.db")
+        if translated is None:
+            raise
+        raise translated from None
     except KeyboardInterrupt:
         import optuna
 

@@ -124,12 +124,16 @@ def _context(obj: Objective, settings: StudySettings) -> SearchContext:
 
 
 def check_study_name(settings: StudySettings) -> None:
-    """Refuse to silently append to an existing study: that needs --resume (or another --study name)."""
+    """Before any heavy work: the storage must take writes (``probe_writable``), and an existing study is not
+    appended to silently: that needs --resume (or another --study name)."""
     import optuna
 
-    from schedsearch.storage import make_storage, redact
+    from schedsearch.storage import make_storage, probe_writable, redact
 
-    if not settings.storage or settings.resume or not settings.study_name:
+    if not settings.storage:
+        return
+    probe_writable(settings.storage)
+    if settings.resume or not settings.study_name:
         return
     try:
         existing = optuna.study.get_all_study_names(make_storage(settings.storage))
