@@ -13,7 +13,7 @@ from schedsearch.cli import app
 
 DEFAULTS: dict[str, Any] = {
     "model": "toy", "calibration": None, "budget": None, "budget_kind": "flops", "method": "psigmoid",
-    "sampler": "tpe", "trials": 40, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
+    "sampler": "tpe", "trials": None, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
     "tracking_uri": None, "heldout_fraction": 0.25, "batch_size": 16, "scorer": "auto",
     "rope": False, "tolerance": None, "step": 0.05, "experiment": "schedsearch",
 }
@@ -32,8 +32,8 @@ def _merge(config: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
 class _Progress:
     """Optuna callback: one status line per trial with the best value so far (stderr, no extra deps)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int | None):
+        self.total = total  # None: not known in advance (gsearch without --trials): no bar, just the count
         self.done = 0
         self.t0 = time.perf_counter()
 
@@ -50,16 +50,26 @@ class _Progress:
             except ValueError:
                 best = "-"
         width = 24
-        fill = int(width * min(done, self.total) / max(1, self.total))
         from schedsearch.cli import PARTIAL_LINE
 
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] trial {done}/{self.total} value {val} "
-                         f"best {best} ({time.perf_counter() - self.t0:.0f}s)")
+        if self.total is None:
+            bar = f"trial {done}"
+        else:
+            fill = int(width * min(done, self.total) / max(1, self.total))
+            bar = f"[{'#' * fill}{'.' * (width - fill)}] trial {done}/{self.total}"
+        sys.stderr.write(f"\r{bar} value {val} best {best} ({time.perf_counter() - self.t0:.0f}s)")
         PARTIAL_LINE["open"] = True
-        if done >= self.total:
+        if self.total is not None and done >= self.total:
+            self.close()
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        """End the status line (the search finished before --trials, or had no known total)."""
+        from schedsearch.cli import PARTIAL_LINE
+
+        if PARTIAL_LINE["open"]:
             sys.stderr.write("\n")
             PARTIAL_LINE["open"] = False
-        sys.stderr.flush()
 
 
 @app.command()
@@ -97,4 +107,5 @@ def optimize(
     from schedsearch.search.driver import run_optimize
 
     s["pareto"] = pareto
-    run_optimize(s, resume=resume, progress=_Progress(int(s["trials"])), echo=typer.echo)
+    total = None if s["trials"] is None and s["method"] == "gsearch" else int(s["trials"] or 40)
+    run_optimize(s, resume=resume, progress=_Progress(total), echo=typer.echo)

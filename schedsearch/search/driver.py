@@ -47,6 +47,17 @@ def _parse_budgets(value: Any, pareto: bool) -> list[float]:
     return budgets
 
 
+def _check_gsearch(s: dict) -> None:
+    """gsearch's own numbers (from flags or a TOML preset): a tolerance >= 0 and a grid step in [0.001, 0.5]."""
+    import math
+
+    tol, step = s.get("tolerance"), s.get("step")
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise SearchError(f"--tolerance {tol} must be a discrepancy >= 0 (1-cos of the last token, e.g. 0.01)")
+    if step is not None and not (isinstance(step, (int, float)) and 0.001 <= step <= 0.5):
+        raise SearchError(f"--step {step} must be in [0.001, 0.5] (the keep-ratio grid of gsearch, e.g. 0.05)")
+
+
 def _study_name(s: dict) -> str:
     model = Path(str(s["model"])).name or str(s["model"])
     mode = "pareto-" if s.get("pareto") else ""
@@ -156,12 +167,14 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     settings = StudySettings(
         budget=max(budgets), kind=s["budget_kind"],
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
-        sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
+        sampler=s["sampler"], trials=int(s["trials"]) if s.get("trials") is not None else StudySettings.trials,
+        timeout=s["timeout"], seed=int(s["seed"]),
         storage=s["storage"], study_name=s["study"], resume=resume,
         scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}}
         if s["scorer"] != "auto" else {"name": "auto"},
     )
     settings.validate()  # fail fast, before loading anything heavy
+    _check_gsearch(s)
     known = ("auto", *(n for n in SCORER_NAMES if n != "external"))  # external needs a map passed in code
     if s["scorer"] not in known:
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
@@ -203,6 +216,13 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
             study.set_user_attr("mlflow_run_id", run_id)
 
     callbacks = [remember_run, log_trial] + ([progress] if progress else [])
+    close_progress = getattr(progress, "close", None)
+    if close_progress is not None:  # a search that ends before its progress total leaves the status line open
+        plain_echo = echo
+
+        def echo(line: str) -> None:
+            close_progress()
+            plain_echo(line)
     finish = _finish_pareto if s.get("pareto") else _finish_single
     with tracker:
         result, problems = finish(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
@@ -247,18 +267,46 @@ def _output_path(s: dict, settings: StudySettings) -> Path:
 
 
 def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
-    """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged."""
+    """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged.
 
-    from schedsearch.search.gsearch import GreedySearch
+    ``s["trials"]`` (``--trials``) caps the evaluations this invocation runs; None runs the complete greedy
+    search. When the cap cuts it short, the best schedule evaluated so far is returned (budget mode: the
+    lowest discrepancy among those within the budget; tolerance mode: the cheapest within the tolerance) with
+    a one-line warning. Evaluations already in the study (an earlier, cut-short run continued with --resume)
+    are reused, not re-run, so a resumed G-Search continues where it stopped.
+    """
+    import json
+    import warnings
+
+    from schedsearch.search.gsearch import EvaluationCap, GreedySearch, GSearchWarning, best_evaluated
     from schedsearch.search.methods import Candidate
     from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, tag_trial
 
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
+    cap = None if s.get("trials") is None else int(s["trials"])
+    known = _stored_evaluations(study)  # (scorer, ratios) -> value, from earlier invocations on this study
+    evaluated: list[tuple[list[float], dict, float]] = []
+    used: set[tuple[str, tuple[float, ...]]] = set()  # distinct schedules this search looked at
+    new = [0]
 
     guard = SigintGuard()  # Ctrl-C: the asked trial is marked FAIL, never left RUNNING (interrupt.py)
 
     def evaluate(ratios: list[float]) -> float:
+        key = (json.dumps(ctx.scorer, sort_keys=True), tuple(round(r, 10) for r in ratios))
+        if key in known:
+            value = known[key]
+        else:
+            if cap is not None and new[0] >= cap:
+                raise EvaluationCap(cap)
+            value = _ask_tell(ratios)
+            known[key] = value
+            new[0] += 1
+        evaluated.append((list(ratios), dict(ctx.scorer), value))
+        used.add(key)
+        return value
+
+    def _ask_tell(ratios: list[float]) -> float:
         guard.checkpoint()
         t0 = time.perf_counter()
         trial = study.ask()
@@ -285,25 +333,41 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
         trial.set_constraint("budget", b["achieved"] - settings.budget)
 
+    tolerance = None if s.get("tolerance") is None else float(s["tolerance"])
+    g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
+    complete = True
     with guard:
-        if ctx.scorer.get("name") == "auto":
-            # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
-            from schedsearch.search.fixed import uniform
-            from schedsearch.search.methods import SCORER_CHOICES
+        try:
+            if ctx.scorer.get("name") == "auto":
+                # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
+                from schedsearch.search.fixed import uniform
+                from schedsearch.search.methods import SCORER_CHOICES
 
-            probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
-            scores = {}
-            for key, sc in SCORER_CHOICES.items():
-                ctx.scorer = sc
-                scores[key] = evaluate(probe)
-            ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
-        g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
-        if s.get("tolerance") is not None:
-            ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])
-        else:
-            ratios, tol = g.at_budget(bfn, settings.budget)
-    cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1], "evaluations": len(g.memo)},
-                     ctx.scorer)
+                probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
+                scores = {}
+                for key, sc in SCORER_CHOICES.items():
+                    ctx.scorer = sc
+                    scores[key] = evaluate(probe)
+                ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
+            if tolerance is not None:
+                ratios, tol = g.at_tolerance(tolerance), tolerance
+            else:
+                ratios, tol = g.at_budget(bfn, settings.budget)
+        except EvaluationCap:
+            complete = False
+            try:
+                ratios, ctx.scorer, value = best_evaluated(evaluated, bfn, settings.budget, tolerance,
+                                                           obj.adapter.num_layers, ctx.scorer)
+            except ValueError:
+                raise SearchError(f"gsearch stopped at --trials {cap} evaluations before any schedule met the "
+                                  "budget: continue with --resume, raise --trials or leave it out") from None
+            tol = tolerance if tolerance is not None else value
+            warnings.warn(f"gsearch stopped at --trials {cap} evaluations before its greedy search finished; "
+                          "wrote the best schedule evaluated so far: continue with the same command plus --resume "
+                          "(earlier evaluations are reused), or leave --trials out for the complete search",
+                          GSearchWarning, stacklevel=2)
+    cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1],
+                              "evaluations": len(used), "complete": complete}, ctx.scorer)
     sched = cand.as_schedule_dict()
     result = StudyResult(study=study, best=cand, best_params={}, search_value=obj.score(sched),
                          heldout_value=obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
@@ -321,6 +385,18 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
                                   "heldout": obj.score(sd, split="heldout") if obj.batches["heldout"] else None,
                                   "budget": budget_dict(obj, c.ratios, settings)}
     return result
+
+
+def _stored_evaluations(study: Any) -> dict[tuple[str, tuple[float, ...]], float]:
+    """Completed G-Search trials already in the study: (scorer JSON, rounded keep ratios) -> discrepancy."""
+    import json
+
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        ratios, scorer = t.user_attrs.get("keep_ratios"), t.user_attrs.get("scorer")
+        if t.state.name == "COMPLETE" and t.value is not None and ratios is not None and scorer is not None:
+            out[(json.dumps(scorer, sort_keys=True), tuple(round(float(r), 10) for r in ratios))] = float(t.value)
+    return out
 
 
 def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any, obj: Any) -> None:
