@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from schedsearch.errors import IncompatibleScheduleError, ScheduleError
+from schedsearch.scorer_specs import ParamError, resolve_params, scorer_names
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -55,9 +56,10 @@ __all__ = [
 
 SCHEMA_VERSION = "1.1"  # 1.1 (2026-11): scorer name "diverse"; 1.0: first version
 _MAJOR = 1
-SCORER_NAMES = ("last_token_attention", "text_attention", "uniform", "diverse", "random", "external")
+SCORER_NAMES = scorer_names()  # the registry in scorer_specs.py (one row per ranking)
 BUDGET_KINDS = ("flops", "tokens", "kv")
 RECYCLING_WEIGHTINGS = ("importance",)
+RECYCLING_MAX_GRID = 256  # cells per image side; no image has more token rows than this
 _PROVENANCE_PACKAGES = ("torch", "transformers", "optuna", "mlflow")
 
 
@@ -106,11 +108,14 @@ def _opt_number(value: Any, where: str, *, low: float = 0.0) -> float | None:
     return value
 
 
-def _integer(value: Any, where: str, *, low: int) -> int:
+def _integer(value: Any, where: str, *, low: int, high: int | None = None) -> int:
+    span = f">= {low}" if high is None else f"in [{low}, {high}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ScheduleError(f"{where}={_show(value)} is not an integer: write a whole number >= {low}")
+        raise ScheduleError(f"{where}={_show(value)} is not an integer: write a whole number {span}")
     if value < low:
-        raise ScheduleError(f"{where}={value} is smaller than {low}: write a whole number >= {low}")
+        raise ScheduleError(f"{where}={value} is smaller than {low}: write a whole number {span}")
+    if high is not None and value > high:
+        raise ScheduleError(f"{where}={value} is larger than {high}: write a whole number {span}")
     return int(value)
 
 
@@ -227,9 +232,10 @@ class _Section:
 class Scorer(_Section):
     """How surviving visual tokens are chosen at a drop layer.
 
-    ``name``: one of :data:`SCORER_NAMES`; ``params``: scorer settings, e.g. ``{"rope": true}``
-    for ``last_token_attention``, ``{"seed": 0}`` for ``random``, ``{"spatial": 1.0}`` for ``diverse``
-    (since 1.1), ``{"source": "vision_attention"}`` for ``external``.
+    ``name``: one of :data:`SCORER_NAMES`; ``params``: scorer settings, type- and range-checked against the
+    scorer registry (:mod:`schedsearch.scorer_specs`), e.g. ``{"rope": true}`` for ``last_token_attention``,
+    ``{"seed": 0}`` for ``random``, ``{"spatial": 1.0}`` for ``diverse`` (since 1.1),
+    ``{"source": "vision_attention"}`` for ``external``. An unknown parameter is an error.
     """
 
     name: str = "last_token_attention"
@@ -242,8 +248,10 @@ class Scorer(_Section):
     def __post_init__(self) -> None:
         _choice(self.name, "scorer.name", SCORER_NAMES)
         _set(self, "params", _mapping(self.params, "scorer.params"))
-        if self.name == "diverse" and "spatial" in self.params:
-            _opt_number(self.params["spatial"], "scorer.params.spatial")
+        try:  # types and ranges of every parameter, from the scorer registry (scorer_specs.py)
+            resolve_params(self.name, self.params)
+        except ParamError as err:
+            raise ScheduleError(str(err)) from None
         self._check_extra()
 
 
@@ -259,7 +267,7 @@ class Recycling(_Section):
     _REQUIRED: ClassVar[tuple[str, ...]] = ("grid",)
 
     def __post_init__(self) -> None:
-        _integer(self.grid, "recycling.grid", low=1)
+        _integer(self.grid, "recycling.grid", low=1, high=RECYCLING_MAX_GRID)
         _choice(self.weighting, "recycling.weighting", RECYCLING_WEIGHTINGS)
         self._check_extra()
 

@@ -175,7 +175,8 @@ def test_model_fingerprint_mismatch(tmp_path: Path, fake_models, capsys: pytest.
 def test_schedule_module_imports_only_the_standard_library() -> None:
     source = Path(__file__).resolve().parents[1] / "schedsearch" / "schedule.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
-    allowed_own = {"schedsearch", "schedsearch.errors"}  # errors.py is itself standard-library only
+    # errors.py and scorer_specs.py are themselves standard-library only (checked below)
+    allowed_own = {"schedsearch", "schedsearch.errors", "schedsearch.scorer_specs"}
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -187,3 +188,8 @@ def test_schedule_module_imports_only_the_standard_library() -> None:
     for name in found:
         top = name.split(".")[0]
         assert top in sys.stdlib_module_names or name in allowed_own, f"schedule.py imports {name}"
+    for own in ("errors.py", "scorer_specs.py"):
+        tree = ast.parse((source.parent / own).read_text(encoding="utf-8"))
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert all(m.split(".")[0] in sys.stdlib_module_names for m in mods), (own, mods)

@@ -123,3 +123,22 @@ def test_written_schedules_carry_the_current_schema_version(tiny_dir, tmp_path):
     assert sched.schema_version == SCHEMA_VERSION == "1.1"
     sched.save(tmp_path / "s.json")
     assert load_schedule(tmp_path / "s.json").scorer.name == "diverse"
+
+
+def test_registry_rows_build_and_name_their_class():
+    """Every row of the scorer registry imports, builds with its defaults and carries its registry name."""
+    from schedsearch.scorer_specs import SCORERS
+
+    for name in SCORERS:
+        assert build_scorer(name, {}).name == name
+
+
+@pytest.mark.parametrize(("name", "params", "needle"), [
+    ("last_token_attention", {"rope": "no"}, "scorer.params.rope='no' is not a boolean"),
+    ("random", {"seed": 2**40}, "scorer.params.seed=1099511627776 is outside"),
+    ("diverse", {"spatal": 1.0}, "scorer.params.spatal is not a parameter of scorer 'diverse'"),
+    ("nonsense", {}, "scorer.name='nonsense' is not known"),
+])
+def test_build_scorer_checks_params_like_validate(name, params, needle):
+    with pytest.raises(ScheduleError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        build_scorer(name, params)

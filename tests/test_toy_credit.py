@@ -1,4 +1,4 @@
-"""studies/toy_credit.py: the question generators of its arms and a short run of every arm."""
+"""studies/toy_model/toy_credit.py: the question generators of its arms and a short run of every arm."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies" / "toy_model"))
 toy_credit = pytest.importorskip("toy_credit")
 
 from schedsearch.toy.scenes import COLOURS, SHAPES  # noqa: E402

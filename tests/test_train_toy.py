@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies" / "toy_model"))
 train_toy = pytest.importorskip("train_toy")
 
 from schedsearch.toy.scenes import CELL, Obj, Scene  # noqa: E402

@@ -14,7 +14,7 @@ Mechanism (no class is patched; everything is a removable forward pre-hook):
 2. A pre-hook on the decoder stack notes whether this forward is a prefill (empty cache) or a
    decode step, and the 2-D padding mask.
 3. A pre-hook on every decoder layer. At prefill, where the schedule's kept count falls at layer
-   ``l``, it scores the alive visual tokens (scorers.py), keeps the best ``n_l``, optionally merges
+   ``l``, it scores the alive visual tokens (runtime/scorers/), keeps the best ``n_l``, optionally merges
    the pruned ones into kept ones (recycle.py), and compacts ``hidden_states``. For every layer
    after the first drop it gathers the rotary ``(cos, sin)``, the attention mask and position ids
    that the stack computed once for the full sequence, by the survivors' ORIGINAL indices, so

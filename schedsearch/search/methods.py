@@ -49,7 +49,7 @@ SCORER_CHOICES: dict[str, dict] = {
     "last_token_norope": {"name": "last_token_attention", "params": {"rope": False}},
     "text": {"name": "text_attention", "params": {"rope": False}},
     "uniform": {"name": "uniform", "params": {}},
-    # max-min diversity with a spatial term (runtime/scorers.py: Diverse); its weight is searched on a log grid
+    # max-min diversity with a spatial term (runtime/scorers/diverse.py); its weight is searched on a log grid
     "diverse_s1": {"name": "diverse", "params": {"spatial": 1.0}},
     "diverse_s4": {"name": "diverse", "params": {"spatial": 4.0}},
     "diverse_s16": {"name": "diverse", "params": {"spatial": 16.0}},

@@ -18,7 +18,7 @@ shipped vision-probe auxiliary loss, and reports answer accuracy over windows of
   the word probe at layer ``--probe-layer`` and, one layer deeper, a question-independent table of the scene
   (count, size, row, column of every colour-shape pair), which the image alone predicts.
 
-    python studies/toy_credit.py [--steps 300] [--out studies/results/toy_credit.md]
+    python studies/toy_model/toy_credit.py [--steps 300] [--out studies/toy_model/results/toy_credit.md]
 
 Seeds are fixed (torch seed 0, training stream ``TRAIN_SEED``, scenes of at most 3 objects), batch 16,
 AdamW lr 2e-3 with 50 warm-up steps, bf16 autocast, like ``train_toy.py``.
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-layer", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="studies/results/toy_credit.md")
+    ap.add_argument("--out", default="studies/toy_model/results/toy_credit.md")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     results = {a: run_arm(a, args.steps, args.batch, args.rope_theta, args.probe_layer) for a in arms}
-    text = (f"# Credit-assignment probe (`python studies/toy_credit.py --steps {args.steps} --batch {args.batch} "
+    text = (f"# Credit-assignment probe (`python studies/toy_model/toy_credit.py --steps {args.steps} "
+            f"--batch {args.batch} "
             f"--rope-theta {args.rope_theta:g} --probe-layer {args.probe_layer}`)\n\n"
             "Training exact match of fresh models, mean over windows of steps (chance 0.5 for every arm; "
             "'probe' = accuracy of the word probe at the answer position).\n\n" + table(results, args.steps) + "\n")

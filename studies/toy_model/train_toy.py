@@ -1,13 +1,13 @@
 """Train the shipped toy VLM: a real Qwen2_5_VLForConditionalGeneration, from scratch, on the toy task.
 
-    # the shipped model (one run, CPU, 2 threads, 78 min on this 2-core machine; see studies/train_toy.md)
-    python studies/train_toy.py --out schedsearch/toy/model --log studies/results/train_toy --steps 4200 --batch 16 \
-        --turns 3 --rope-theta 20 --pos-aux-layer 1 --bf16 --threads 2 --time-limit 5100 --eval-every 250 \
-        --word-aux 1 --summary-aux 1 --keep-every 700
-    python studies/train_toy.py --out schedsearch/toy/model --log studies/results/train_toy --report
-    python studies/train_toy.py --probe 20                                         # time 20 steps, exit
+    # the shipped model (one run, CPU, 2 threads, 78 min on this 2-core machine; see studies/toy_model/train_toy.md)
+    python studies/toy_model/train_toy.py --out schedsearch/toy/model --log studies/toy_model/results/train_toy \
+        --steps 4200 --batch 16 --turns 3 --rope-theta 20 --pos-aux-layer 1 --bf16 --threads 2 --time-limit 5100 \
+        --eval-every 250 --word-aux 1 --summary-aux 1 --keep-every 700
+    python studies/toy_model/train_toy.py --out schedsearch/toy/model --log studies/toy_model/results/train_toy --report
+    python studies/toy_model/train_toy.py --probe 20                                         # time 20 steps, exit
 
-Recipe (studies/train_toy.md has the measured curves, held-out figures and what was tried before):
+Recipe (studies/toy_model/train_toy.md has the measured curves, held-out figures and what was tried before):
 
 * model: text decoder 8 layers (hidden ``--hidden``, GQA 4/2 heads, SwiGLU), vision tower 2 blocks
   (patch 4, 2x2 merge): a 128 px image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens. The text
@@ -21,7 +21,7 @@ Recipe (studies/train_toy.md has the measured curves, held-out figures and what 
   of the object under each token and whether the token holds an object's centre (``AUX_VISION``); with
   ``--pos-aux-layer L`` a probe on decoder layer L's visual-token states predicts the token's scene-grid
   row / column (``AUX_POSITION``), so absolute position is carried from the 3-D positions early;
-* ``--route-aux W`` (off in the shipped recipe; see studies/train_toy.md for what it gave): a routing loss on
+* ``--route-aux W`` (off in the shipped recipe; see studies/toy_model/train_toy.md for what it gave): a routing loss on
   the attention of the position that predicts each answer (first ``--route-heads`` heads of ``--route-layers``),
   pushed onto the visual tokens of the objects the question names (``referenced_objects``); needs eager
   attention in the text decoder (SDPA returns no weights), which costs ~15 % per step. ``--temporal-share``
@@ -29,11 +29,11 @@ Recipe (studies/train_toy.md has the measured curves, held-out figures and what 
   independently of where the object is;
 * ``--word-aux`` / ``--summary-aux`` (on in the shipped recipe) / ``--relations`` (off: the same run with it
   reached the same accuracy but lost only 18.2 points to the random 90 % drop, against 23.0 without;
-  studies/train_toy.md): linear probes at every answer
+  studies/toy_model/train_toy.md): linear probes at every answer
   position -- the question's colour / shape words at ``--word-layer``, and a question-independent table of the scene
   (``SUMMARY``, plus ``RELATIONS`` with ``--relations``) at ``--summary-layer``. Yes/no answers are balanced given
   the words alone and the image alone, so without them the answer loss gives no signal for reading the image
-  (studies/toy_credit.py); the probes are not saved with the model;
+  (studies/toy_model/toy_credit.py); the probes are not saved with the model;
 * ``--turns K``: K questions about one image as a multi-turn chat, all supervised (the image is encoded
   once for K answers); evaluation is single-turn, the format users and ``schedsearch.toy.eval`` use;
 * curriculum: scenes with at most 2 objects for the first ``--curriculum`` steps, then 4, then up to 6;
@@ -183,7 +183,7 @@ def referenced_objects(scene, prompt: str) -> list[int]:
 
 #: --word-aux: at every answer position, read from decoder layer --word-layer, the colour and shape words the
 #: question names for its first and second object ("none" = class 0). Makes the answer position hold the
-#: question's words early (studies/toy_credit.py: with 256 visual tokens in the prompt that takes ~250 steps
+#: question's words early (studies/toy_model/toy_credit.py: with 256 visual tokens in the prompt that takes ~250 steps
 #: even for an answer that depends on the word alone).
 WORD_SLOTS = (("colour1", len(COLOURS) + 1), ("shape1", len(SHAPES) + 1),
               ("colour2", len(COLOURS) + 1), ("shape2", len(SHAPES) + 1))
@@ -191,7 +191,7 @@ WORD_SLOTS = (("colour1", len(COLOURS) + 1), ("shape1", len(SHAPES) + 1),
 #: of the scene: for each (colour, shape) pair, how many objects have it (0-6) and their size / grid row / grid
 #: column (class 0 = none present, last class = several that differ). Yes/no questions are balanced given the
 #: image alone and given the word alone, so the answer loss gives no first-order signal for gathering the image
-#: content they need; this loss does (studies/toy_credit.py, arm image-word-summary).
+#: content they need; this loss does (studies/toy_model/toy_credit.py, arm image-word-summary).
 PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SUMMARY = (("count", 7), ("size", len(SIZES) + 2), ("row", GRID + 2), ("col", GRID + 2))
 #: --relations: the summary table gains, for every pair p and every other pair q, where p lies from q along each
@@ -410,7 +410,7 @@ def param_groups(model, head, decay_embeddings: bool = True, decay: float = 0.01
     """AdamW groups. With ``decay_embeddings=False`` the embeddings (word rows and the vision patch embedding), the
     output head and the norm gains get no weight decay: decay shrinks the small differences between the rows of
     words that play one role (yes / no, the colour names), which collapsed in the tied shipped model
-    (``studies/toy_yesno.py``)."""
+    (``studies/toy_model/toy_yesno.py``)."""
     params = list(model.parameters()) + list(head.parameters())
     if decay_embeddings:
         return [{"params": params, "weight_decay": decay}]
@@ -567,7 +567,9 @@ def report(args) -> int:
 
 
 def heldout_table(res: dict) -> str:
-    """The markdown table of a ``--report`` result (``<log>.heldout.md``; README and studies/train_toy.md embed it)."""
+    """The markdown table of a ``--report`` result (``<log>.heldout.md``).
+
+    README and studies/toy_model/train_toy.md embed it."""
     from schedsearch.toy.eval import region_halves
 
     def row(name: str, acc: dict) -> str:
@@ -684,7 +686,7 @@ def main(argv=None) -> int:
                          "--report on several points of one run; 0 = off)")
     ap.add_argument("--probe", type=int, default=0, help="time this many steps and exit")
     ap.add_argument("--out", default="schedsearch/toy/model")
-    ap.add_argument("--log", default="studies/results/train_toy")
+    ap.add_argument("--log", default="studies/toy_model/results/train_toy")
     ap.add_argument("--time-limit", type=float, default=75 * 60, help="stop training after this many seconds")
     ap.add_argument("--plot", nargs="+", default=None, metavar="LOG",
                     help="no training: plot the curves of these --log prefixes (consecutive runs) into <first>.png")

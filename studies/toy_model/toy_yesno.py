@@ -10,7 +10,7 @@ that looks at the image for these questions has a spread of several nats and a p
 cosine between the embedding rows of word pairs, and counting accuracy split by what the question
 names (every shape, one colour, one shape).
 
-    python studies/toy_yesno.py [--model DIR] [--n 400] [--out studies/results/toy_yesno.md]
+    python studies/toy_model/toy_yesno.py [--model DIR] [--n 400] [--out studies/toy_model/results/toy_yesno.md]
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, batcher = load(args.model)
-    lines = [f"# `python studies/toy_yesno.py --model {args.model if args.model != str(MODEL_DIR) else 'toy'} "
+    shown = args.model if args.model != str(MODEL_DIR) else 'toy'
+    lines = [f"# `python studies/toy_model/toy_yesno.py --model {shown} "
              f"--n {args.n}`", "",
              "logit(yes) - logit(no) at the answer position, held-out stream, teacher-forced.", "",
              "| questions | n | share answered yes | std of the logit difference (nats) | mean gap yes - no items | "
