@@ -49,6 +49,8 @@ def open_rgb(source: Any, where: str) -> Any:
                 return to_rgb(im, what)
     except FileNotFoundError:
         raise ImageError(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} is a folder, not an image file") from None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
