@@ -96,3 +96,20 @@ def _fill(folder) -> None:
                 fh.write(b"\0" * 4096)
         except OSError:
             pass
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """A calibration manifest of 4 tiny images (seed 2) in ``tmp_path/calib``; returns the manifest path."""
+    import json
+
+    from schedsearch.testing.tiny import tiny_images
+
+    d = tmp_path / "calib"
+    d.mkdir()
+    lines = []
+    for i, im in enumerate(tiny_images(4, seed=2)):
+        im.save(d / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
+    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "manifest.jsonl"

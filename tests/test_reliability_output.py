@@ -7,7 +7,6 @@ replaced by a file mid-run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,25 +18,12 @@ from pathlib import Path
 import pytest
 
 from schedsearch.output import OutputError, prepare_output, rescue_dir
-from schedsearch.testing.tiny import tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    d = tmp_path / "calib"
-    d.mkdir()
-    lines = []
-    for i, im in enumerate(tiny_images(4, seed=2)):
-        im.save(d / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
-    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return d / "manifest.jsonl"
 
 
 def one_error(stderr: str) -> str:

@@ -6,7 +6,6 @@ where mounting is denied), and a PostgreSQL database switched to read-only trans
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,21 +16,8 @@ from pathlib import Path
 import pytest
 
 from schedsearch.storage import StorageError, probe_writable, storage_error
-from schedsearch.testing.tiny import tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    d = tmp_path / "calib"
-    d.mkdir()
-    lines = []
-    for i, im in enumerate(tiny_images(4, seed=2)):
-        im.save(d / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
-    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return d / "manifest.jsonl"
 
 
 def _optimize(tmp_path, model, manifest, storage, *extra, popen=False):

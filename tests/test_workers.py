@@ -8,7 +8,6 @@ with SCHEDSEARCH_HEARTBEAT / SCHEDSEARCH_GRACE so a killed worker's trial goes s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,21 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from schedsearch.testing.tiny import tiny_images
-
 N = 3  # trials per worker
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    d = tmp_path / "calib"
-    d.mkdir()
-    lines = []
-    for i, im in enumerate(tiny_images(4, seed=2)):
-        im.save(d / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
-    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return d / "manifest.jsonl"
 
 
 def _env() -> dict:
