@@ -13,6 +13,14 @@ three-matrix SwiGLU FFN, so this module counts from the real projection shapes i
     QK^T and A·V     2 · 2 · H · hd · n_q · n_kv   (the full square, see ``layer_flops``)
     MLP              2 · n · d · m · 3 (gated: gate/up/down) or · 2 (plain: up/down)
 
+Mixture-of-experts layers (Qwen3-VL-MoE) count the ACTIVE parameters: the router (2 · n · d · E) plus
+``top_k`` experts of width m_e per token (2 · n · d · m_e · 3 · top_k), the convention of the Switch
+Transformer (Fedus et al., arXiv 2101.03961, Sec. 2: "FLOPs per token" follow the experts a token is routed
+to) and what the expert loop of transformers computes. Sliding-window layers (Gemma 3) cost the full square at
+prefill like the others -- eager and SDPA's math kernel compute every score and mask the ones outside the
+window -- but their KV cache keeps only the last ``window - 1`` tokens (``DynamicSlidingWindowLayer``), which
+``kv_cache_bytes`` counts.
+
 FLOPs are 2 per multiply-add, the convention of ``torch.utils.flop_counter.FlopCounterMode``.
 RMSNorm, RoPE, softmax, residual adds and the SiLU gate are elementwise, O(n·d), and are
 ignored (well under 1% of a layer for any realistic shape). The LM head and the vision
@@ -57,6 +65,15 @@ class DecoderShape:
     intermediate: int
     num_layers: int
     mlp: str = "gated"  # "gated": 3 matrices (SwiGLU), "plain": 2 matrices
+    #: mixture of experts: number of experts E, experts per token, expert width, and the layers that are MoE
+    #: (the others use the dense ``intermediate``); 0 experts = a dense model
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    moe_layers: tuple[int, ...] = ()
+    #: sliding-window attention: the window and the layers that use it (their KV cache holds window - 1 tokens)
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate", "num_layers"):
@@ -70,6 +87,21 @@ class DecoderShape:
             )
         if self.mlp not in ("gated", "plain"):
             raise ScheduleError(f"DecoderShape.mlp={self.mlp!r} must be 'gated' or 'plain'")
+        if self.moe_layers and not (self.num_experts > 0 and 0 < self.experts_per_token <= self.num_experts
+                                    and self.expert_intermediate > 0):
+            raise ScheduleError(f"DecoderShape: MoE layers {self.moe_layers} need num_experts > 0, 0 < "
+                                f"experts_per_token <= num_experts and expert_intermediate > 0")
+        if self.sliding_layers and not (self.sliding_window and self.sliding_window > 1):
+            raise ScheduleError(f"DecoderShape: sliding layers {self.sliding_layers} need sliding_window > 1, got "
+                                f"{self.sliding_window!r}")
+        for name in ("moe_layers", "sliding_layers"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < self.num_layers]
+            if bad:
+                raise ScheduleError(f"DecoderShape.{name} has layer indices {bad} outside 0..{self.num_layers - 1}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: full attention)."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     @classmethod
     def from_config(cls, config: Any, mlp: str | None = None) -> DecoderShape:
@@ -78,8 +110,12 @@ class DecoderShape:
         Accepts a text config (LlamaConfig, MistralConfig, Qwen2Config, Qwen2_5_VLTextConfig)
         or a multimodal config with ``get_text_config()``/``text_config``.
         ``num_key_value_heads`` defaults to ``num_attention_heads``; ``head_dim`` defaults to
-        ``hidden_size // num_attention_heads``. All four supported families use gated (SwiGLU)
-        MLPs, which is the default; pass ``mlp="plain"`` for a two-matrix FFN.
+        ``hidden_size // num_attention_heads``. All supported families use gated MLPs (SwiGLU / GeGLU),
+        which is the default; pass ``mlp="plain"`` for a two-matrix FFN. Experts are read the way Qwen-MoE
+        configs (Qwen3-VL-MoE) lay them out: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+        MoE in layer l unless l is in ``mlp_only_layers`` or (l + 1) is not a multiple of ``decoder_sparse_step``.
+        Sliding layers as transformers' caches find them: ``layer_types`` entries ``"sliding_attention"``, or
+        every layer when there is no ``layer_types`` but a ``sliding_window``.
         """
         text = config
         getter = getattr(config, "get_text_config", None)
@@ -100,19 +136,37 @@ class DecoderShape:
         kv = heads if kv is None else int(kv)
         head_dim = getattr(text, "head_dim", None)
         head_dim = hidden // heads if head_dim is None else int(head_dim)
+        layers = need("num_hidden_layers")
+        experts = int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
+        moe: dict[str, Any] = {}
+        if experts > 0 and getattr(text, "moe_intermediate_size", None):
+            step = int(getattr(text, "decoder_sparse_step", 1) or 1)
+            dense = set(getattr(text, "mlp_only_layers", None) or ())
+            moe = dict(num_experts=experts, experts_per_token=need("num_experts_per_tok"),
+                       expert_intermediate=need("moe_intermediate_size"),
+                       moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None)
+        sliding: tuple[int, ...] = ()
+        if window:
+            sliding = tuple(i for i in range(layers) if types is None or types[i] == "sliding_attention")
         return cls(
             hidden=hidden,
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=head_dim,
             intermediate=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
+            num_layers=layers,
             mlp=mlp or "gated",
+            sliding_window=int(window) if sliding else None,
+            sliding_layers=sliding,
+            **moe,
         )
 
 
-def layer_flops(shape: DecoderShape, n_q: int, n_kv: int | None = None) -> float:
-    """Forward FLOPs (2 per multiply-add) of one decoder layer.
+def layer_flops(shape: DecoderShape, n_q: int, n_kv: int | None = None, layer: int | None = None) -> float:
+    """Forward FLOPs (2 per multiply-add) of one decoder layer (``layer``: its index, for MoE models whose
+    layers differ; None = a dense layer).
 
     ``n_q`` tokens go through the projections and the MLP and attend to ``n_kv`` keys
     (``n_kv`` defaults to ``n_q``, the prefill case; decode is ``n_q=1``). The attention term
@@ -130,7 +184,11 @@ def layer_flops(shape: DecoderShape, n_q: int, n_kv: int | None = None) -> float
     proj = 2.0 * n_q * d * (2 * q_width + 2 * kv_width)  # q, o + k, v
     attn = 2.0 * 2.0 * shape.num_heads * shape.head_dim * n_q * n_kv  # QK^T and A·V
     mats = 3 if shape.mlp == "gated" else 2
-    mlp = 2.0 * n_q * d * shape.intermediate * mats
+    if layer is not None and layer in shape.moe_layers:  # router + the top-k experts each token is routed to
+        mlp = 2.0 * n_q * d * shape.num_experts + 2.0 * n_q * d * shape.expert_intermediate * mats \
+            * shape.experts_per_token
+    else:
+        mlp = 2.0 * n_q * d * shape.intermediate * mats
     return proj + attn + mlp
 
 
@@ -147,15 +205,20 @@ def _layer_tokens(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: 
 
 def prefill_flops(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float]) -> list[float]:
     """Per-layer prefill FLOPs: layer l runs on n_text + kept_counts(keep_ratios, n_visual)[l] tokens."""
-    return [layer_flops(shape, n, n) for n in _layer_tokens(shape, n_text, n_visual, keep_ratios)]
+    return [layer_flops(shape, n, n, i) for i, n in enumerate(_layer_tokens(shape, n_text, n_visual, keep_ratios))]
 
 
 def kv_cache_bytes(
     shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float], dtype_bytes: int = 2
 ) -> int:
-    """KV-cache size after prefill: sum over layers of 2 (K and V) · Hkv · hd · n_l · dtype_bytes."""
+    """KV-cache size after prefill: sum over layers of 2 (K and V) · Hkv · hd · n_l · dtype_bytes, where a
+    sliding-window layer holds n_l = min(tokens, window - 1)."""
     per_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes
-    return sum(per_token * n for n in _layer_tokens(shape, n_text, n_visual, keep_ratios))
+    total = 0
+    for i, n in enumerate(_layer_tokens(shape, n_text, n_visual, keep_ratios)):
+        w = shape.window(i)
+        total += per_token * (n if w is None else min(n, w - 1))
+    return total
 
 
 def token_keep_fraction(keep_ratios: Sequence[float], n_visual: int) -> float:

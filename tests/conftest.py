@@ -1,10 +1,11 @@
-"""Shared fixtures: tiny random-init checkpoints of the four supported VLM families.
+"""Shared fixtures: tiny random-init checkpoints of the supported VLM families.
 
 - ``tiny_dir(family)``: a factory fixture (session scope) returning the directory of a tiny checkpoint of
   ``family`` ("qwen2_5_vl", "qwen2_vl", "llava", "llava_next"), built once per session with
   :func:`schedsearch.testing.tiny.make_tiny` (real transformers classes, saved with save_pretrained).
-- ``tiny_adapter``: parametrised over the four families; the adapter from ``load_model(tiny_dir(family))``,
+- ``tiny_adapter``: parametrised over the first four families; the adapter from ``load_model(tiny_dir(family))``,
   i.e. the same loading path as a real checkpoint. Session-scoped and shared: do not modify its weights.
+- ``family_adapter``: the same over every family of ``ALL_FAMILIES`` (tests/test_runtime.py, test_families.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schedsearch.testing.tiny import FAMILIES, make_tiny
+from schedsearch.testing.tiny import ALL_FAMILIES, FAMILIES, make_tiny
 
 torch.set_num_threads(1)
 
@@ -32,14 +33,23 @@ def tiny_dir(tmp_path_factory):
 _ADAPTERS: dict[str, object] = {}
 
 
-@pytest.fixture(scope="session", params=list(FAMILIES))
-def tiny_adapter(request, tiny_dir):
+def _adapter(family: str, tiny_dir):
     from schedsearch.models import load_model
 
-    fam = request.param
-    if fam not in _ADAPTERS:
-        _ADAPTERS[fam] = load_model(tiny_dir(fam))
-    return _ADAPTERS[fam]
+    if family not in _ADAPTERS:
+        _ADAPTERS[family] = load_model(tiny_dir(family))
+    return _ADAPTERS[family]
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def tiny_adapter(request, tiny_dir):
+    return _adapter(request.param, tiny_dir)
+
+
+@pytest.fixture(scope="session", params=list(ALL_FAMILIES))
+def family_adapter(request, tiny_dir):
+    """Like ``tiny_adapter``, over every supported family (the runtime invariants run on all of them)."""
+    return _adapter(request.param, tiny_dir)
 
 
 @pytest.fixture(scope="session")

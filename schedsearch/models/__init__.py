@@ -23,7 +23,7 @@ from typing import Any
 from schedsearch.errors import ModelLoadError
 from schedsearch.models.base import FamilySpec, VLMAdapter, config_fingerprint
 
-__all__ = ["ALIASES", "REGISTRY", "FamilySpec", "ModelLoadError", "VLMAdapter", "adapter_class",
+__all__ = ["ALIASES", "REFUSED", "REGISTRY", "FamilySpec", "ModelLoadError", "VLMAdapter", "adapter_class",
            "config_fingerprint", "load_model", "resolve_model_dir", "supported_model_types"]
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "model"
@@ -34,6 +34,19 @@ ALIASES: dict[str, str] = {
     "qwen2-vl": "Qwen/Qwen2-VL-2B-Instruct",
     "llava-1.5": "llava-hf/llava-1.5-7b-hf",
     "llava-next": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "qwen3-vl": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    "gemma3": "google/gemma-3-4b-it",
+    "internvl3": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3.5": "OpenGVLab/InternVL3_5-2B-HF",
+    "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+    "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+    "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "pixtral": "mistral-community/pixtral-12b",
+    "paligemma2": "google/paligemma2-3b-mix-224",
+    "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
+    "aya-vision": "CohereLabs/aya-vision-8b",
     "toy": str(TOY_DIR),
 }
 
@@ -43,7 +56,30 @@ REGISTRY: dict[str, str] = {
     "qwen2_vl": "schedsearch.models.qwen_vl:Qwen2VLAdapter",
     "llava": "schedsearch.models.llava:LlavaAdapter",
     "llava_next": "schedsearch.models.llava:LlavaNextAdapter",
+    "qwen3_vl": "schedsearch.models.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "schedsearch.models.qwen3_vl:Qwen3VLMoeAdapter",
+    "gemma3": "schedsearch.models.gemma3:Gemma3Adapter",
+    "internvl": "schedsearch.models.internvl:InternVLAdapter",
+    "llava_onevision": "schedsearch.models.llava_onevision:LlavaOnevisionAdapter",
+    "idefics3": "schedsearch.models.idefics3:Idefics3Adapter",
+    "smolvlm": "schedsearch.models.idefics3:SmolVLMAdapter",
+    "mistral3": "schedsearch.models.mistral3:Mistral3Adapter",
+    "paligemma": "schedsearch.models.paligemma:PaliGemmaAdapter",
+    "glm4v": "schedsearch.models.glm4v:Glm4vAdapter",
+    "aya_vision": "schedsearch.models.aya_vision:AyaVisionAdapter",
 }
+
+
+#: config.json ``model_type`` -> why schedsearch refuses it (one line, shown as the load error). Data only.
+REFUSED: dict[str, str] = {
+    "qwen3_5": "Qwen3.5 mixes Gated DeltaNet linear-attention layers with attention layers; those keep a recurrent "
+               "state instead of a KV cache and have no q/k projections, so the runtime's per-layer KV cache, its "
+               "attention scorers and the FLOPs model do not hold for them",
+    "llama4": "Llama 4's text decoder is called with inputs_embeds only (the runtime finds the visual tokens from "
+              "input_ids at the decoder's parent) and its chunked-attention and no-RoPE layers are not modelled "
+              "by the runtime or the FLOPs model",
+}
+REFUSED["qwen3_5_moe"] = REFUSED["qwen3_5"]
 
 
 def supported_model_types() -> list[str]:
@@ -53,6 +89,8 @@ def supported_model_types() -> list[str]:
 def adapter_class(model_type: str) -> type[VLMAdapter]:
     """Import and return the adapter class registered for ``model_type``."""
     target = REGISTRY.get(model_type)
+    if model_type in REFUSED:
+        raise ModelLoadError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     if target is None:
         raise ModelLoadError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(supported_model_types())}"

@@ -36,6 +36,16 @@ class FamilySpec:
     text_model_path: str  # attribute path from the top model to the decoder stack, e.g. "model.language_model"
     image_token_attr: str = "image_token_id"  # attribute of the top config holding the image token id
     vision_path: str = ""  # attribute path to the vision tower (its call inputs are recorded for visual_coords)
+    #: DeepStack (arXiv 2406.04334, Qwen3-VL): the text model's (visual-position mask, per-layer features) kwargs;
+    #: the stock forward adds features[i] at the visual positions after decoder layer i. Empty: no DeepStack.
+    deepstack_kwargs: tuple[str, ...] = ()
+    #: per-token batch keys the model needs next to input_ids, with the value a generated token gets (Qwen's
+    #: mm_token_type_ids and Gemma 3's token_type_ids: 1 = image token, generated 0; PaliGemma's token_type_ids:
+    #: 0 = the bidirectional prefix, generated 1). prepare() keeps them; a sequence extended by hand extends them.
+    token_types: tuple[tuple[str, int], ...] = ()
+    #: False where visual_coords needs batch keys that generate() hands only to the image encoder (LLaVA-NeXT's
+    #: and OneVision's image_sizes): schedules that need token positions then work with model(**batch) only
+    positions_in_generate: bool = True
 
 
 #: Where a prompt wants its images: ``"what is in <image> ?"``. Without markers, images go before the text.
@@ -63,6 +73,29 @@ def chat_content(prompt: str, n_images: int) -> list[dict]:
     return content
 
 
+def chat_batch(processor: Any, images: list[list[Any]], prompts: list[str], *, nested: bool = False,
+               drop: tuple[str, ...] = ("token_type_ids",), **proc_kwargs: Any) -> Any:
+    """Left-padded processor batch for one user turn per sample, rendered with the chat template.
+
+    The template comes from the processor (or its tokenizer); each prompt's images take the places of its
+    ``<image>`` markers (:func:`chat_content`). ``nested``: pass images as one list per sample (processors that
+    validate per-sample image counts, e.g. Gemma 3, Idefics3) instead of one flat list. Keys in ``drop`` are
+    removed from the result (the default drops BERT-style token_type_ids that VLMs do not take).
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
+    owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
+    texts = [owner.apply_chat_template([{"role": "user", "content": chat_content(p, len(imgs))}], tokenize=False,
+                                       add_generation_prompt=True) for imgs, p in zip(images, prompts, strict=True)]
+    flat = [im for imgs in images for im in imgs]
+    processor.tokenizer.padding_side = "left"
+    pics: Any = ([list(imgs) for imgs in images] if nested else flat) if flat else None
+    batch = processor(images=pics, text=texts, padding=True, return_tensors="pt", **proc_kwargs)
+    for key in drop:
+        batch.pop(key, None)
+    return batch
+
+
 class VLMAdapter:
     """Base class of family adapters. Subclasses set ``spec`` and implement the abstract methods."""
 
@@ -82,8 +115,15 @@ class VLMAdapter:
         dtype: Any = None,
         attn_implementation: str | None = None,
         device: str | None = None,
-    ) -> VLMAdapter:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> VLMAdapter:
+        """``spec.model_class.from_pretrained(path)`` and the checkpoint's stock processor (``AutoProcessor``).
+        Families whose stock processor needs torchvision override this with an image-only stand-in."""
+        from schedsearch.models import load_hf_model
+        from schedsearch.models.imageproc import stock_processor
+
+        model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
+                              device=device)
+        return cls(model, stock_processor(path), path)
 
     # ------------------------------------------------------------ structure
     @property
@@ -167,9 +207,25 @@ class VLMAdapter:
         names = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
         with torch.no_grad():
             enc = fn(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+        layout = self.image_layout(batch)
+        if layout is not None:  # only the pixels tell it (e.g. InternVL's tile grids): keep it with the features
+            from schedsearch.models.tiles import LAYOUT_ATTR
+
+            setattr(enc, LAYOUT_ATTR, layout)
         out = {k: v for k, v in batch.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
         return out
+
+    def rotary(self, layer_idx: int) -> Any:
+        """How decoder layer ``layer_idx`` rotates q/k, as ``(x, cos, sin) -> x`` for the attention scorers, where it
+        is not rotate-half over the whole head (default None). Adapters return the family's own transformers
+        function, so scorers follow partial / interleaved rotary and layers without RoPE exactly."""
+        return None
+
+    def image_layout(self, batch: Any) -> Any:
+        """Layout facts that only the pixels carry (default: none). Families whose ``visual_coords`` needs them
+        return them here; ``precompute_vision`` keeps them with the encoder output (``tiles.attached_layout``)."""
+        return None
 
     def last_hidden_state(self, batch: Any) -> torch.Tensor:
         """(B, D): the last position's hidden state after the decoder's final norm (no lm_head)."""

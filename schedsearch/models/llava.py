@@ -6,7 +6,9 @@ Lifecycle::
     batch = adapter.prepare([[img]], ["q"])  # chat template, left padding
     adapter.visual_coords(batch)             # (B, V, 3) in the order transformers packs the features
 
-LLaVA-1.5: one CLIP grid per image, ``image_size / patch_size`` squared tokens in raster order.
+LLaVA-1.5: one CLIP grid per image, ``image_size / patch_size`` squared tokens in raster order. A ``llava``
+checkpoint with a Pixtral tower (Pixtral-12B) gets the Pixtral processor stand-in and variable-size grids from
+:mod:`schedsearch.models.mistral3`.
 LLaVA-NeXT: per image the base grid (raster order) followed by the high-resolution tiles stitched
 into one grid, unpadded to the image's aspect ratio (transformers' ``unpad_image``) and read row
 by row with one newline token after each row (row of its line, col = 1 - eps).
@@ -18,6 +20,7 @@ from typing import Any
 
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, VLMAdapter, chat_content
+from schedsearch.models.imageproc import stock_processor
 from schedsearch.models.qwen_vl import _assign_images
 
 __all__ = ["LLAVA_SPECS", "LlavaAdapter", "LlavaNextAdapter"]
@@ -29,7 +32,7 @@ LLAVA_SPECS: dict[str, FamilySpec] = {
     "llava_next": FamilySpec(family="llava_next", model_types=("llava_next",),
                              model_class="LlavaNextForConditionalGeneration",
                              text_model_path="model.language_model", image_token_attr="image_token_id",
-                             vision_path="model.vision_tower"),
+                             vision_path="model.vision_tower", positions_in_generate=False),
 }
 NEWLINE_COL = 1.0 - 1e-6
 
@@ -38,21 +41,13 @@ class _LlavaBase(VLMAdapter):
     @classmethod
     def load(cls, path: str, *, dtype: Any = None, attn_implementation: str | None = None,
              device: str | None = None) -> VLMAdapter:
-        from transformers import AutoProcessor
-
-        from schedsearch.errors import ModelLoadError
-
         model = load_hf_model(cls.spec.model_class, path, dtype=dtype, attn_implementation=attn_implementation,
                               device=device)
-        try:
-            proc = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:
-            raise ModelLoadError(f"cannot load the processor from {path!r}: {str(e).splitlines()[0]}") from e
-        if getattr(proc, "image_processor", None) is None:
-            raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json); re-download the "
-                                 f"checkpoint with its processor files")
-        proc.tokenizer.padding_side = "left"
-        return cls(model, proc, path)
+        if _is_pixtral(model):  # Pixtral-12B style: PixtralProcessor needs torchvision; an image-only stand-in
+            from schedsearch.models.mistral3 import load_pixtral_processor
+
+            return cls(model, load_pixtral_processor(path, int(model.config.vision_config.patch_size), 1), path)
+        return cls(model, stock_processor(path), path)
 
     def _grid_side(self) -> int:
         vc = self.model.config.vision_config
@@ -90,6 +85,10 @@ class LlavaAdapter(_LlavaBase):
     spec = LLAVA_SPECS["llava"]
 
     def visual_coords(self, batch: Any) -> Any:
+        if _is_pixtral(self.model):  # variable image sizes: one (H / patch) x (W / patch) grid per image
+            from schedsearch.models.mistral3 import pixtral_coords
+
+            return pixtral_coords(self, batch, int(self.model.config.vision_config.patch_size))
         side = self._grid_side()
         vis = self.visual_mask(batch["input_ids"])
         n_images = _num_images(batch, default=int(vis.sum()) // (side * side))
@@ -130,6 +129,10 @@ class LlavaNextAdapter(_LlavaBase):
                              f"{int(vis.sum())} image tokens; the processor and model configs disagree "
                              f"(image_grid_pinpoints / vision_feature_select_strategy)")
         return _assign_images(per_image, vis)
+
+
+def _is_pixtral(model: Any) -> bool:
+    return getattr(model.config.vision_config, "model_type", None) == "pixtral"
 
 
 def _num_images(batch: Any, default: int) -> int:

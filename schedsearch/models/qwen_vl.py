@@ -28,11 +28,11 @@ QWEN_SPECS: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(family="qwen2_5_vl", model_types=("qwen2_5_vl",),
                              model_class="Qwen2_5_VLForConditionalGeneration",
                              text_model_path="model.language_model", image_token_attr="image_token_id",
-                             vision_path="model.visual"),
+                             vision_path="model.visual", token_types=(("mm_token_type_ids", 0),)),
     "qwen2_vl": FamilySpec(family="qwen2_vl", model_types=("qwen2_vl",),
                            model_class="Qwen2VLForConditionalGeneration",
                            text_model_path="model.language_model", image_token_attr="image_token_id",
-                           vision_path="model.visual"),
+                           vision_path="model.visual", token_types=(("mm_token_type_ids", 0),)),
 }
 IMAGE_TOKEN = "<|image_pad|>"  # the placeholder the chat template writes once per image
 

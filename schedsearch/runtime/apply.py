@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from schedsearch.errors import SchedsearchError, ScheduleError
+from schedsearch.runtime import masks
+from schedsearch.runtime.deepstack import DeepStack, deepstack_post_hook
 from schedsearch.runtime.recycle import cell_ids, merge_into_kept
 from schedsearch.runtime.scorers import External, ScoreContext, build_scorer
 from schedsearch.schedule import RECYCLING_WEIGHTINGS, kept_counts
@@ -119,6 +121,9 @@ class ScheduleHandle:
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
         self._pending: torch.Tensor | None = None
+        self._base_mask: Any = None  # the 2-D padding mask the base model was last called with
+        ds_kwargs = tuple(getattr(adapter.spec, "deepstack_kwargs", ()) or ())
+        self._deepstack = DeepStack(ds_kwargs) if ds_kwargs else None
         self._batch: dict[str, Any] = {}  # base-model kwargs of the last prefill + the vision tower's call
         self._fwd: _Forward | None = None
         self.kept_indices: dict[int, torch.Tensor] = {}
@@ -143,6 +148,9 @@ class ScheduleHandle:
             self._handles.append(
                 layer.register_forward_pre_hook(lambda m, a, k, _i=i: self._layer_pre(_i, m, a, k), with_kwargs=True)
             )
+            if self._deepstack is not None:
+                self._handles.append(layer.register_forward_hook(deepstack_post_hook(self._deepstack,
+                                                                                    self._deepstack_state, i)))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -150,6 +158,9 @@ class ScheduleHandle:
         self._handles.clear()
         self._fwd = None
         self._pending = None
+        self._base_mask = None
+        if self._deepstack is not None:
+            self._deepstack.clear()
         self._batch = {}
 
     def __enter__(self) -> ScheduleHandle:
@@ -159,6 +170,7 @@ class ScheduleHandle:
         self.remove()
 
     def _base_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._base_mask = kwargs.get("attention_mask")  # Gemma 3's text model gets a dict of 4-D masks instead
         if _cache_len(_cache_of(kwargs)) > 0:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -203,16 +215,24 @@ class ScheduleHandle:
         """Base-model kwargs of this prefill plus ``_vision_call`` = (args, kwargs) of the vision tower."""
         return self._batch
 
-    def _text_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _deepstack_state(self) -> tuple[bool, torch.Tensor | None]:
+        """(a pruning prefill is running and its DeepStack features were taken over, alive original positions)."""
+        st = self._fwd
+        if st is None or st.decode or self._deepstack is None or self._deepstack.embeds is None:
+            return False, None
+        return True, st.cur_idx
+
+    def _text_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         seq = embeds.shape[1] if embeds is not None else ids.shape[1]
-        am = kwargs.get("attention_mask")
-        valid = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        valid = masks.padding_mask(kwargs.get("attention_mask"), self._base_mask, seq)
         if _cache_len(_cache_of(kwargs)) == 0:  # prefill
             pending, self._pending = self._pending, None
             self._fwd = None
             self.kept_indices = {}
+            if self._deepstack is not None:
+                self._deepstack.clear()
             if pending is None or pending.shape[1] != seq:
                 return None
             visual = pending
@@ -230,6 +250,8 @@ class ScheduleHandle:
                                  valid=valid)
             if isinstance(self.scorer, External):
                 self.scorer.begin(self._batch_info())
+            if self._deepstack is not None and self._deepstack.take(kwargs):  # added at the survivors instead
+                return args, kwargs
         elif self._fwd is not None:
             self._fwd.decode = True
             self._fwd.total_len += seq
@@ -242,9 +264,10 @@ class ScheduleHandle:
             return None
         hs = args[0] if args else kwargs["hidden_states"]
         if st.decode:
-            if l not in st.layer_keep or kwargs.get("attention_mask") is None:
+            window = masks.window_of(_cache_of(kwargs), l)
+            if l not in st.layer_keep or (kwargs.get("attention_mask") is None and window is None):
                 return None
-            kwargs["attention_mask"] = self._decode_mask(st, l, kwargs["attention_mask"], hs.shape[1])
+            kwargs["attention_mask"] = self._decode_mask(st, l, kwargs.get("attention_mask"), hs, window, module)
             return args, kwargs
         if st.counts[l] < st.alive_visual:
             hs = self._drop(st, l, module, hs, kwargs)
@@ -315,7 +338,8 @@ class ScheduleHandle:
         ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
                            visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
                            head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           coords=coords)
+                           coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
+                           rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None)
         with torch.no_grad():
             scores = self.scorer(ctx).float()
         order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
@@ -332,24 +356,28 @@ class ScheduleHandle:
         return _gather_seq(hs, local, dim=1)
 
     # ------------------------------------------------------------- decode
-    def _decode_mask(self, st: _Forward, l: int, mask: Any, q_len: int) -> torch.Tensor:
-        keep = st.layer_keep[l]
+    def _decode_mask(self, st: _Forward, l: int, mask: Any, hs: torch.Tensor, window: int | None = None,
+                     layer: Any = None) -> torch.Tensor:
+        """The layer's decode mask over the keys its cache holds: its prefill survivors and the decoded tokens
+        (a sliding-window cache only the last ``window - 1`` of them, and the window applies on original
+        positions; see masks.py)."""
+        keep, q_len = st.layer_keep[l], hs.shape[1]
         bsz, device = keep.shape[0], keep.device
         total = st.total_len
         keys = torch.cat([keep, torch.arange(st.n_prefill, total, device=device).expand(bsz, -1)], dim=1)
+        keys = masks.cached_keys(keys, q_len, window)
         valid = st.valid.gather(1, keys) if st.valid is not None and st.valid.shape[1] == total else \
             torch.ones_like(keys, dtype=torch.bool)
-        if not isinstance(mask, torch.Tensor):
+        if mask is not None and not isinstance(mask, torch.Tensor):
             raise RuntimeScheduleError(f"attention mask of type {type(mask).__name__} is not supported at decode")
-        if mask.dim() == 2:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if window is not None:
+                raise RuntimeScheduleError("a sliding-window layer with a 2-D (flash-attention) mask cannot be "
+                                           "pruned at decode: load the model with attn_implementation='sdpa'")
             return valid.to(mask.dtype)
-        qpos = torch.arange(total - q_len, total, device=device)
-        allowed = valid[:, None, None, :] & (keys[:, None, None, :] <= qpos[None, None, :, None])
-        if mask.dtype == torch.bool:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(mask.dtype).min
-        )
+        allowed = masks.decode_allowed(keys, valid, total, q_len, window)
+        impl = getattr(getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation", None)
+        return masks.as_mask_like(allowed, mask, impl, hs.dtype)
 
 
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:

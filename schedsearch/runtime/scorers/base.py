@@ -12,6 +12,7 @@ backend (SDPA and flash return no attention weights; see PLATFORM.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +39,12 @@ class ScoreContext:
     #: (B, V, 3) (image index, row, col in [0, 1)) of the alive visual tokens; filled only for scorers that set
     #: ``needs_coords = True`` (the runtime asks the adapter's ``visual_coords`` once per prefill)
     coords: torch.Tensor | None = None
+    #: (B, 1, n, n) bool, True = query may attend key: the layer's own attention mask over the alive tokens
+    #: (sliding windows, bidirectional image blocks, padding); None = plain causal over ``key_valid``
+    attention_mask: torch.Tensor | None = None
+    #: ``(x, cos, sin) -> x`` rotated the way this layer rotates its q/k (partial or interleaved rotary, no RoPE on
+    #: some layers), from the adapter (``VLMAdapter.rotary``); None = rotate-half over the whole head (``rope``)
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class Scorer(Protocol):
@@ -77,13 +84,22 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
     if use_rope:
         qc = ctx.cos.gather(1, query_local[..., None].expand(-1, -1, ctx.cos.shape[-1]))
         qs = ctx.sin.gather(1, query_local[..., None].expand(-1, -1, ctx.sin.shape[-1]))
-        q = rope(q, qc, qs)
-        k = rope(k, ctx.cos, ctx.sin)
+        rotate = ctx.rotary or rope
+        q = rotate(q, qc, qs)
+        k = rotate(k, ctx.cos, ctx.sin)
     groups = ctx.num_heads // ctx.num_kv_heads
     k = k.repeat_interleave(groups, dim=1)  # GQA: (B, H, n, hd)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * ctx.head_dim**-0.5  # (B, H, Q, n)
+    scale = getattr(attn, "scaling", None) or ctx.head_dim**-0.5  # Gemma 3: query_pre_attn_scalar**-0.5
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, n)
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:  # Gemma 2 (arXiv 2408.00118, Sec. 2): logits <- cap * tanh(logits / cap), as its eager attention does
+        logits = torch.tanh(logits / cap) * cap
     keys = torch.arange(n, device=h.device)
-    allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
+    if ctx.attention_mask is not None:  # the layer's own mask (sliding window, image blocks), rows of the queries
+        rows = ctx.attention_mask[:, 0].gather(1, query_local[..., None].expand(-1, -1, n))
+        allowed = ctx.key_valid[:, None, None, :] & rows[:, None]
+    else:
+        allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs.mean(dim=1)  # (B, Q, n)
