@@ -44,15 +44,33 @@ class Sample:
 
 
 def _open_image(path: Path, where: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from schedsearch.images import open_rgb
 
+    return open_rgb(path, where)  # every PIL mode as a viewer shows it, or one ImageError line
+
+
+def _parse_line(line: str, where: str) -> dict:
+    """One manifest line as a dict: valid JSON, an object, not absurdly nested, and valid Unicode throughout."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError as err:
-        raise CalibrationError(f"{where}: image {path} does not exist") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CalibrationError(f"{where}: image {path} cannot be decoded ({type(err).__name__}: {err})") from err
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CalibrationError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise CalibrationError(f"{where}: the JSON is nested too deeply to read: a sample is a flat object "
+                               "(see calibration_data/README.md)") from None
+    except ValueError as err:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
+        raise CalibrationError(f"{where}: not usable JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise CalibrationError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate from an escape like "\ud800": no tokenizer can encode it
+        bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
+        raise CalibrationError(f"{where}: holds the lone surrogate {bad}, which is not text (a broken \\u escape): "
+                               "write the character itself or its full surrogate pair") from None
+    except (RecursionError, ValueError) as err:
+        raise CalibrationError(f"{where}: not usable JSON ({type(err).__name__})") from None
+    return obj
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -74,16 +92,12 @@ def load_manifest(path: str | Path, *, require_images: bool = True, verify: bool
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise CalibrationError(f"{p}: cannot be read ({err})") from err
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # JSON Lines: only \n ends a line (not U+2028...)
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{p}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CalibrationError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-        if not isinstance(obj, dict):
-            raise CalibrationError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
+        obj = _parse_line(line, where)
         prompt = obj.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise CalibrationError(f"{where}: missing or empty \"prompt\"")

@@ -30,5 +30,9 @@ class CalibrationError(SchedsearchError, ValueError):
     """A calibration manifest or image that cannot be used."""
 
 
+class ImageError(CalibrationError):
+    """An image that cannot be used: missing, undecodable, too large or elongated, no faithful RGB view."""
+
+
 class IncompatibleScheduleError(ScheduleError):
     """A valid schedule that was made for another model (layer count, fingerprint)."""

@@ -139,8 +139,14 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _freeze(value: Any, where: str) -> Any:
+MAX_NESTING = 64  # JSON nesting a schedule may hold (its own data is 3 deep); deeper input is refused, not recursed
+
+
+def _freeze(value: Any, where: str, depth: int = 0) -> Any:
     """JSON data -> an immutable copy (dict -> mappingproxy, list -> tuple); anything else is an error."""
+    if depth > MAX_NESTING:
+        head = where if len(where) <= 60 else where[:60] + "..."
+        raise ScheduleError(f"{head} is nested more than {MAX_NESTING} levels deep: schedules hold shallow data")
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
@@ -152,10 +158,10 @@ def _freeze(value: Any, where: str) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ScheduleError(f"{where} has key {_show(key)}: JSON object keys must be strings")
-            out[key] = _freeze(item, f"{where}[{key!r}]")
+            out[key] = _freeze(item, f"{where}[{key!r}]", depth + 1)
         return types.MappingProxyType(out)
     if isinstance(value, (list, tuple)):
-        return tuple(_freeze(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return tuple(_freeze(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
     raise ScheduleError(
         f"{where}={_show(value)} is not JSON data ({type(value).__name__}): use str, number, bool, null, list or object"
     )
@@ -598,6 +604,8 @@ class Schedule:
             raise ScheduleError(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
         except UnicodeDecodeError:
             raise ScheduleError("not UTF-8 text: save the schedule as UTF-8 JSON") from None
+        except (RecursionError, ValueError) as err:  # nesting deeper than the parser's stack, 4300+ digit ints
+            raise ScheduleError(f"not usable JSON: {_unreadable(err)}") from None
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -670,6 +678,12 @@ class Schedule:
         return text + f"; schema {self.schema_version}."
 
 
+def _unreadable(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read (a schedule is a shallow object: see schedule.schema.json)"
+    return " ".join(str(err).split())
+
+
 def load_schedule(path: str | os.PathLike[str]) -> Schedule:
     """Read and validate a schedule file; every bad input is a one-line :class:`ScheduleError` naming the file."""
     name = os.fspath(path)
@@ -692,6 +706,8 @@ def load_schedule(path: str | os.PathLike[str]) -> Schedule:
         raise ScheduleError(
             f"schedule file {name!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except (RecursionError, ValueError) as err:
+        raise ScheduleError(f"schedule file {name!r} is not usable JSON: {_unreadable(err)}") from None
     if not isinstance(data, dict):
         kind = {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
         raise ScheduleError(f"schedule file {name!r} must hold a JSON object, found {kind}")

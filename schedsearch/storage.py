@@ -13,11 +13,18 @@
 
 ``study_lock(url, study)`` is a cross-process lock used for the few read-modify-write steps on a shared
 study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, ``flock`` next to a sqlite file.
+
+Faults of the store itself (a read-only file or file system, a full disk, a user without write permission):
+``probe_writable(url)`` runs a rolled-back write before any heavy work, and ``storage_error(err, url)`` turns
+whatever Optuna/SQLAlchemy raise later into one StorageError line naming the database's own reason
+(``attempt to write a readonly database``, ``database or disk is full``) instead of Optuna's generic
+"exception during the commit ... e.g. exceeding max length". Finished trials stay in the store either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import time
@@ -101,6 +108,72 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _is_storage_fault(err: BaseException) -> bool:
+    names = {f"{type(e).__module__}.{type(e).__name__}" for e in _chain(err)}
+    return any(n.startswith(("sqlalchemy.", "sqlite3.", "psycopg")) or n.endswith("StorageInternalError")
+               for n in names)
+
+
+def storage_error(err: BaseException, url: str | None) -> StorageError | None:
+    """One line for a fault of the study store (None when ``err`` did not come from the store).
+
+    The message is the database's own reason (the deepest DB-API error in the chain), then what to do.
+    """
+    if not url or not _is_storage_fault(err):
+        return None
+    reason = None
+    for e in _chain(err):
+        orig = getattr(e, "orig", None)
+        if orig is not None:
+            reason = _one_line(orig)
+        elif type(e).__module__.startswith(("sqlite3", "psycopg")) or isinstance(e, OSError):
+            reason = _one_line(e)
+    reason = reason or _one_line(err)
+    low = reason.lower()
+    if "readonly" in low or "read-only" in low or "permission denied" in low:
+        fix = "make it writable or pass --storage with a writable database"
+    elif "full" in low or "no space" in low:
+        fix = "free space on its disk"
+    else:
+        fix = "check the database"
+    return StorageError(f"study storage {redact(url)} failed: {reason}: {fix}; finished trials are kept there, "
+                        "continue with the same command plus --resume")
+
+
+def probe_writable(url: str) -> None:
+    """A write the store must accept (Optuna's ``version_info`` row set to itself), rolled back at once.
+
+    Run before any heavy work: a read-only file or file system, or a role without write permission, is one
+    StorageError line with the database's reason. (A full disk can only show when real data is written.)
+    """
+    import sqlalchemy
+
+    make_storage(url)  # creates the schema of a new database (and is where an unreachable server is reported)
+    try:
+        engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                trans = conn.begin()
+                try:
+                    conn.execute(sqlalchemy.text("UPDATE version_info SET schema_version = schema_version"))
+                finally:
+                    trans.rollback()
+        finally:
+            engine.dispose()
+    except Exception as err:  # noqa: BLE001 - any failure of the store becomes one line
+        raise StorageError(f"study storage {redact(url)} cannot be written: {_one_line(err)}: make it writable "
+                           "or pass --storage with a writable database") from None
+
+
 _CACHE: dict[tuple, Any] = {}
 _SCHEMA_READY: set[str] = set()  # sqlite URLs whose Optuna tables this process has made sure of
 
@@ -182,7 +255,15 @@ def study_lock(url: str, study: str) -> Iterator[None]:
         if not path or path == ":memory:":
             yield
             return
-        with open(f"{path}.{hashlib.sha1(study.encode()).hexdigest()[:12]}.lock", "a+") as fh:
+        lock = f"{path}.{hashlib.sha1(study.encode()).hexdigest()[:12]}.lock"
+        try:
+            fh = open(lock, "a+")  # noqa: SIM115 - closed below
+        except OSError as err:
+            if err.errno != errno.EROFS:
+                raise StorageError(f"cannot create the study lock {lock}: {err.strerror}") from None
+            yield  # a read-only file system: nobody can write the database, the write itself says why
+            return
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -68,3 +68,58 @@ def postgres(tmp_path_factory):
     srv = start_postgres(tmp_path_factory.mktemp("pg"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(name, size_kb)``: a real tmpfs of that size mounted under tmp_path (skips where mounting is denied);
+    ``fill_disk(folder)`` then writes into it until ENOSPC. For faults of real file systems (full, read-only)."""
+    import subprocess
+
+    mounted = []
+
+    def make(name: str, size_kb: int):
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def fill_disk():
+    return _fill
+
+
+def _fill(folder) -> None:
+    """Write into ``folder`` until its file system is full (ENOSPC)."""
+    with open(folder / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """A calibration manifest of 4 tiny images (seed 2) in ``tmp_path/calib``; returns the manifest path."""
+    import json
+
+    from schedsearch.testing.tiny import tiny_images
+
+    d = tmp_path / "calib"
+    d.mkdir()
+    lines = []
+    for i, im in enumerate(tiny_images(4, seed=2)):
+        im.save(d / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
+    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "manifest.jsonl"

@@ -8,7 +8,6 @@ with SCHEDSEARCH_HEARTBEAT / SCHEDSEARCH_GRACE so a killed worker's trial goes s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,21 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from schedsearch.testing.tiny import tiny_images
-
 N = 3  # trials per worker
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    d = tmp_path / "calib"
-    d.mkdir()
-    lines = []
-    for i, im in enumerate(tiny_images(4, seed=2)):
-        im.save(d / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"what is {i}?"}))
-    (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return d / "manifest.jsonl"
 
 
 def _env() -> dict:
@@ -90,6 +75,10 @@ def test_three_workers_share_one_study(tmp_path, postgres, tiny_dir, manifest):
     assert len(complete) == 3 * N and len(st.trials) == 3 * N
     assert len({t.number for t in st.trials}) == 3 * N
     assert len({t.user_attrs["worker"] for t in complete}) == 3  # every worker ran trials
+    # each worker's sampler has its own seed (derived from --seed, the study and its invocation number): before,
+    # all three were seeded with --seed and proposed the same N points
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3 * N
+    assert sorted({t.user_attrs["invocation"] for t in complete}) == [0, 1, 2]
 
     parents, children = _runs(mlflow_uri)
     assert len(parents) == 1, [p.info.run_name for p in parents]

@@ -26,7 +26,7 @@ SCORER_FLAGS = ("auto", *(n for n in SCORER_NAMES if n != "external"))
 
 DEFAULTS: dict[str, Any] = {
     "model": "toy", "calibration": None, "budget": None, "budget_kind": "flops", "method": "psigmoid",
-    "sampler": "tpe", "trials": 40, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
+    "sampler": "tpe", "trials": None, "timeout": None, "seed": 0, "storage": None, "study": None, "out": None,
     "tracking_uri": None, "heldout_fraction": 0.25, "batch_size": 16, "scorer": "auto",
     "rope": False, "tolerance": None, "step": 0.05, "experiment": "schedsearch", "device": "auto", "dtype": "auto",
 }
@@ -77,8 +77,9 @@ def optimize(
                                                      help="What the budget counts."),
     method: choice(METHOD_NAMES) = typer.Option(DEFAULTS["method"], "--method", help="Schedule family."),
     sampler: choice(SAMPLERS) = typer.Option(DEFAULTS["sampler"], "--sampler", help="Optuna sampler."),
-    trials: int = typer.Option(DEFAULTS["trials"], "--trials", "-n", help="Trials this invocation runs.",
-                               **ranged("trials")),
+    trials: int | None = typer.Option(DEFAULTS["trials"], "--trials", "-n",
+                                      help="Trials this invocation runs (gsearch: cap on evaluations).",
+                                      show_default="40; gsearch: the whole greedy search", **ranged("trials")),
     timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds.",
                                          **ranged("timeout")),
     config: Path | None = typer.Option(None, "--config", help="Study preset (TOML); flags typed here win."),
@@ -122,5 +123,7 @@ def optimize(
     s["pareto"] = pareto
     from schedsearch.search.driver import run_optimize
 
-    with StudyProgress(int(s["trials"]), metric="1-cos") as progress:
+    # gsearch without --trials runs the whole greedy search: its number of evaluations is not known in advance
+    total = None if s["trials"] is None and s["method"] == "gsearch" else int(s["trials"] or 40)
+    with StudyProgress(total, metric="1-cos") as progress:
         run_optimize(s, resume=resume, progress=progress, echo=progress.echo)

@@ -51,8 +51,8 @@ def _best(study: Any) -> str:
 class StudyProgress:
     """Optuna callback drawing this invocation's trials; see the module docstring."""
 
-    def __init__(self, total: int, metric: str = "value", stream: TextIO | None = None):
-        self.total = int(total)
+    def __init__(self, total: int | None, metric: str = "value", stream: TextIO | None = None):
+        self.total = None if total is None else int(total)  # None: unknown in advance (gsearch without --trials)
         self.metric = metric
         self.done = 0
         self.stream = stream if stream is not None else sys.stderr
@@ -107,16 +107,18 @@ class StudyProgress:
         if self.tty:
             if self._progress is None:
                 self._start()
-            self._progress.update(self._task, completed=min(self.done, self.total), best=best)
-            if self.done >= self.total:
+            self._progress.update(self._task, completed=self.done if self.total is None else
+                                  min(self.done, self.total), best=best)
+            if self.total is not None and self.done >= self.total:
                 self.stop()
             return
         values = trial.values or []
         value = "/".join(f"{v:.5f}" for v in values) if values else trial.state.name.lower()
         elapsed = time.perf_counter() - self.t0
         rate = self.done / elapsed if elapsed > 0 else math.inf
-        left = max(0, self.total - self.done)
-        eta = f"{left / rate:.0f}s" if rate and math.isfinite(rate) else "-"
-        self.stream.write(f"trial {self.done}/{self.total} {self.metric} {value} best {best} "
+        left = None if self.total is None else max(0, self.total - self.done)
+        eta = f"{left / rate:.0f}s" if left is not None and rate and math.isfinite(rate) else "-"
+        of = "" if self.total is None else f"/{self.total}"
+        self.stream.write(f"trial {self.done}{of} {self.metric} {value} best {best} "
                           f"({elapsed:.0f}s, {rate:.2f} trials/s, ETA {eta})\n")
         self.stream.flush()

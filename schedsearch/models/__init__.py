@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,36 @@ def resolve_model_dir(name_or_path: str) -> Path:
                          f"aliases {', '.join(sorted(ALIASES))}")
 
 
+def check_weight_files(model_dir: str | Path) -> None:
+    """Every ``*.safetensors`` file in ``model_dir`` is complete: its header parses and covers the file.
+
+    Reads only the headers (format: 8-byte little-endian header length, JSON header whose tensors'
+    ``data_offsets`` end at the end of the byte buffer that follows). A partial download otherwise surfaces
+    as safetensors' "incomplete metadata, file not fully covered" traceback without the file's name.
+    """
+    import struct
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        fix = (f"re-download the checkpoint (delete {f.name} and fetch it again, e.g. `huggingface-cli download "
+               f"REPO --local-dir {model_dir}`)")
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if n < 2 or 8 + n > size:
+                    raise ValueError(f"{size} bytes, too short for its header")
+                header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except OSError as e:
+            raise ModelLoadError(f"weights file {str(f)!r} cannot be read ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+            raise ModelLoadError(f"weights file {str(f)!r} is truncated or corrupt ({e}): {fix}") from None
+        if 8 + n + max(ends, default=0) != size:
+            raise ModelLoadError(f"weights file {str(f)!r} is truncated or corrupt ({size} bytes, its header "
+                                 f"describes {8 + n + max(ends, default=0)}): {fix}")
+
+
 def read_model_type(model_dir: str | Path) -> str:
     """``model_type`` from ``model_dir/config.json`` (plain JSON, no transformers import)."""
     cfg = Path(model_dir) / "config.json"
@@ -169,6 +200,7 @@ def load_model(
     """
     model_dir = resolve_model_dir(str(name_or_path))
     model_type = read_model_type(model_dir)
+    check_weight_files(model_dir)  # a truncated download is one line naming the file, before transformers starts
     cls = adapter_class(model_type)
     adapter = cls.load(str(model_dir), dtype=dtype, attn_implementation=attn_implementation, device=device)
     adapter.name_or_path = str(name_or_path)
@@ -197,13 +229,21 @@ def load_hf_model(model_class: str, path: str, *, dtype: Any, attn_implementatio
     import transformers
 
     cls = getattr(transformers, model_class)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():  # a "Loading weights" bar is noise in logs, pipes and before an error
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(path, **from_pretrained_kwargs(dtype, attn_implementation))
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (not a subclass of either)
+        if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"cannot load {model_class} from {path!r}: {msg}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -4,7 +4,8 @@ The CLI passes merged settings (defaults < TOML preset < flags). Failure modes t
 are SchedsearchErrors with one line; finished trials live in the Optuna storage (sqlite file by
 default) so Ctrl-C loses nothing and ``--resume`` continues. The MLflow parent run is closed as
 KILLED on Ctrl-C, FAILED on error. The schedule file is written atomically after the winner was
-replayed through the same code path.
+replayed through the same code path; its path is checked before the model is loaded and, should the
+write still fail, the schedule is rescued next to the study storage (output.py) and the exit is non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import SchedsearchError
+from schedsearch.output import OutputError, prepare_output, rescue_dir, save_schedule
 from schedsearch.schedule import SCORER_NAMES
 from schedsearch.search.interrupt import SigintGuard, fail_running
 from schedsearch.search.optimize import SearchError, StudySettings, budget_dict, run_study
@@ -43,6 +45,17 @@ def _parse_budgets(value: Any, pareto: bool) -> list[float]:
     if not budgets:
         raise SearchError("--budget is required, e.g. --budget 0.2")
     return budgets
+
+
+def _check_gsearch(s: dict) -> None:
+    """gsearch's own numbers (from flags or a TOML preset): a tolerance >= 0 and a grid step in [0.001, 0.5]."""
+    import math
+
+    tol, step = s.get("tolerance"), s.get("step")
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise SearchError(f"--tolerance {tol} must be a discrepancy >= 0 (1-cos of the last token, e.g. 0.01)")
+    if step is not None and not (isinstance(step, (int, float)) and 0.001 <= step <= 0.5):
+        raise SearchError(f"--step {step} must be in [0.001, 0.5] (the keep-ratio grid of gsearch, e.g. 0.05)")
 
 
 def _study_name(s: dict) -> str:
@@ -112,6 +125,15 @@ def run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = N
                  echo: Callable[[str], None] = print) -> Any:
     try:
         return _run_optimize(s, resume=resume, progress=progress, echo=echo)
+    except SchedsearchError:
+        raise
+    except Exception as err:  # a fault of the study store (read-only, full, gone) is one line naming its reason
+        from schedsearch.storage import storage_error
+
+        translated = storage_error(err, s.get("storage") or "sqlite:///.schedsearch/studies.db")
+        if translated is None:
+            raise
+        raise translated from None
     except KeyboardInterrupt:
         import optuna
 
@@ -145,18 +167,20 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     settings = StudySettings(
         budget=max(budgets), kind=s["budget_kind"],
         method=s["method"] if s["method"] != "gsearch" else "psigmoid",
-        sampler=s["sampler"], trials=int(s["trials"]), timeout=s["timeout"], seed=int(s["seed"]),
+        sampler=s["sampler"], trials=int(s["trials"]) if s.get("trials") is not None else StudySettings.trials,
+        timeout=s["timeout"], seed=int(s["seed"]),
         storage=s["storage"], study_name=s["study"], resume=resume,
         scorer={"name": s["scorer"], "params": {"rope": bool(s["rope"])} if "attention" in s["scorer"] else {}}
         if s["scorer"] != "auto" else {"name": "auto"},
     )
     settings.validate()  # fail fast, before loading anything heavy
+    _check_gsearch(s)
     known = ("auto", *(n for n in SCORER_NAMES if n != "external"))  # external needs a map passed in code
     if s["scorer"] not in known:
         raise SearchError(f"--scorer {s['scorer']!r} is not known: use one of {', '.join(known)}")
     settings.method = s["method"]
     if settings.storage is None:
-        Path(".schedsearch").mkdir(exist_ok=True)
+        prepare_output(".schedsearch", flag="the study folder", folder=True).mkdir(exist_ok=True)
         settings.storage = "sqlite:///.schedsearch/studies.db"
     settings.study_name = settings.study_name or _study_name(s)
     from schedsearch.search.optimize import check_study_name
@@ -164,6 +188,7 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     calib = Path(s["calibration"]) if s.get("calibration") else _default_calibration(str(s["model"]))
     samples = load_manifest(calib)  # a bad manifest is the first thing to hear about
     check_study_name(settings)  # before loading the model or opening a tracking run
+    out = _output_path(s, settings)  # a bad --out is refused now, not after the search
     from schedsearch.calibration import calibration_hash
 
     calib_hash = calibration_hash(samples)
@@ -194,48 +219,91 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
             study.set_user_attr("mlflow_run_id", run_id)
 
     callbacks = [remember_run, log_trial] + ([progress] if progress else [])
+    finish = _finish_pareto if s.get("pareto") else _finish_single
     with tracker:
-        if s.get("pareto"):
-            return _finish_pareto(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
-                                  study)
-        if s["method"] == "gsearch":
-            result = run_gsearch(settings, obj, s, callbacks, study)
-        else:
-            result = run_study(settings, obj, callbacks=callbacks, study=study)
-        result.study.set_user_attr("mlflow_run_id", run_id)
-        trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
-                         if t.user_attrs.get("trial_seconds") is not None]
-        objective = {"name": "1-cos(last token, final norm)", "value": result.search_value, "split": "search",
-                     "heldout": result.heldout_value, "n_search": len(obj.samples["search"]),
-                     "n_heldout": len(obj.samples["heldout"])}
-        method_params = {**result.best_params, **result.best.params}
-        sched = build_schedule(adapter, result.best, s, objective=objective, method_params=method_params,
-                               budget=result.budget,
-                               provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
-                                               trial=result.study.best_trial.number, mlflow_run_id=run_id,
-                                               command="schedsearch optimize"))
-        out = Path(s["out"]) if s.get("out") else Path("schedules") / f"{settings.study_name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sched.save(out)
-        _log_summary(tracker, result, sched, out, adapter, obj)
-    _print_table(echo, result, out, setup_s, trial_seconds)
+        result, problems = finish(s, settings, obj, adapter, budgets, callbacks, tracker, run_id, calib_hash, echo,
+                                  study, out, setup_s)
+    if problems:  # raised after the run closed: the search itself succeeded and its files are in the run
+        more = f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        raise OutputError(f"{problems[0]}{more} (also in MLflow run {run_id})")
     return result
 
 
-def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
-    """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged."""
+def _finish_single(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any, out: Path,
+                   setup_s: float) -> tuple[Any, list[str]]:
+    """One budget: run the study (or G-Search), replay the winner, write it, log the summary, print the table."""
+    if s["method"] == "gsearch":
+        result = run_gsearch(settings, obj, s, callbacks, study)
+    else:
+        result = run_study(settings, obj, callbacks=callbacks, study=study)
+    result.study.set_user_attr("mlflow_run_id", run_id)
+    trial_seconds = [t.user_attrs.get("trial_seconds") for t in result.study.trials
+                     if t.user_attrs.get("trial_seconds") is not None]
+    objective = {"name": "1-cos(last token, final norm)", "value": result.search_value, "split": "search",
+                 "heldout": result.heldout_value, "n_search": len(obj.samples["search"]),
+                 "n_heldout": len(obj.samples["heldout"])}
+    method_params = {**result.best_params, **result.best.params}
+    sched = build_schedule(adapter, result.best, s, objective=objective, method_params=method_params,
+                           budget=result.budget,
+                           provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
+                                           trial=result.study.best_trial.number, mlflow_run_id=run_id,
+                                           command="schedsearch optimize"))
+    out, problem = save_schedule(sched, out, rescue=rescue_dir(settings.storage))
+    _log_summary(tracker, result, sched, out, adapter, obj)  # the parent run gets the file either way
+    _print_table(echo, result, out, setup_s, trial_seconds)
+    return result, [problem] if problem else []
 
-    from schedsearch.search.gsearch import GreedySearch
+
+def _output_path(s: dict, settings: StudySettings) -> Path:
+    """--out (a file; with --pareto a folder), or the default under schedules/, checked writable now."""
+    if s.get("pareto"):
+        return prepare_output(Path(s["out"]) if s.get("out") else Path("schedules"), folder=True)
+    return prepare_output(Path(s["out"]) if s.get("out") else Path("schedules") / f"{settings.study_name}.json")
+
+
+def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, study: Any) -> Any:
+    """G-Search: each distinct evaluation becomes an Optuna trial (ask/tell) so it is stored and logged.
+
+    ``s["trials"]`` (``--trials``) caps the evaluations this invocation runs; None runs the complete greedy
+    search. When the cap cuts it short, the best schedule evaluated so far is returned (budget mode: the
+    lowest discrepancy among those within the budget; tolerance mode: the cheapest within the tolerance) with
+    a one-line warning. Evaluations already in the study (an earlier, cut-short run continued with --resume)
+    are reused, not re-run, so a resumed G-Search continues where it stopped.
+    """
+    import json
+    import warnings
+
+    from schedsearch.search.gsearch import EvaluationCap, GreedySearch, GSearchWarning, best_evaluated
     from schedsearch.search.methods import Candidate
-    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, worker_id
+    from schedsearch.search.optimize import StudyResult, _context, baseline_candidate, tag_trial
     from schedsearch.tracking import set_constraint
 
     ctx = _context(obj, settings)
     bfn = obj.budget_fn(settings.kind)
+    cap = None if s.get("trials") is None else int(s["trials"])
+    known = _stored_evaluations(study)  # (scorer, ratios) -> value, from earlier invocations on this study
+    evaluated: list[tuple[list[float], dict, float]] = []
+    used: set[tuple[str, tuple[float, ...]]] = set()  # distinct schedules this search looked at
+    new = [0]
 
     guard = SigintGuard()  # Ctrl-C: the asked trial is marked FAIL, never left RUNNING (interrupt.py)
 
     def evaluate(ratios: list[float]) -> float:
+        key = (json.dumps(ctx.scorer, sort_keys=True), tuple(round(r, 10) for r in ratios))
+        if key in known:
+            value = known[key]
+        else:
+            if cap is not None and new[0] >= cap:
+                raise EvaluationCap(cap)
+            value = _ask_tell(ratios)
+            known[key] = value
+            new[0] += 1
+        evaluated.append((list(ratios), dict(ctx.scorer), value))
+        used.add(key)
+        return value
+
+    def _ask_tell(ratios: list[float]) -> float:
         guard.checkpoint()
         t0 = time.perf_counter()
         trial = study.ask()
@@ -253,7 +321,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         return value
 
     def _record(trial: Any, ratios: list[float]) -> None:
-        trial.set_user_attr("worker", worker_id())
+        tag_trial(trial, settings)
         b = budget_dict(obj, ratios, settings)
         trial.set_user_attr("keep_ratios", ratios)
         trial.set_user_attr("scorer", ctx.scorer)
@@ -262,25 +330,41 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
         trial.set_user_attr("constraint", (b["achieved"] - settings.budget,))
         set_constraint(trial, "budget", b["achieved"] - settings.budget)  # feasible when <= 0
 
+    tolerance = None if s.get("tolerance") is None else float(s["tolerance"])
+    g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
+    complete = True
     with guard:
-        if ctx.scorer.get("name") == "auto":
-            # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
-            from schedsearch.search.fixed import uniform
-            from schedsearch.search.methods import SCORER_CHOICES
+        try:
+            if ctx.scorer.get("name") == "auto":
+                # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
+                from schedsearch.search.fixed import uniform
+                from schedsearch.search.methods import SCORER_CHOICES
 
-            probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
-            scores = {}
-            for key, sc in SCORER_CHOICES.items():
-                ctx.scorer = sc
-                scores[key] = evaluate(probe)
-            ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
-        g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
-        if s.get("tolerance") is not None:
-            ratios, tol = g.at_tolerance(float(s["tolerance"])), float(s["tolerance"])
-        else:
-            ratios, tol = g.at_budget(bfn, settings.budget)
-    cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1], "evaluations": len(g.memo)},
-                     ctx.scorer)
+                probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
+                scores = {}
+                for key, sc in SCORER_CHOICES.items():
+                    ctx.scorer = sc
+                    scores[key] = evaluate(probe)
+                ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
+            if tolerance is not None:
+                ratios, tol = g.at_tolerance(tolerance), tolerance
+            else:
+                ratios, tol = g.at_budget(bfn, settings.budget)
+        except EvaluationCap:
+            complete = False
+            try:
+                ratios, ctx.scorer, value = best_evaluated(evaluated, bfn, settings.budget, tolerance,
+                                                           obj.adapter.num_layers, ctx.scorer)
+            except ValueError:
+                raise SearchError(f"gsearch stopped at --trials {cap} evaluations before any schedule met the "
+                                  "budget: continue with --resume, raise --trials or leave it out") from None
+            tol = tolerance if tolerance is not None else value
+            warnings.warn(f"gsearch stopped at --trials {cap} evaluations before its greedy search finished; "
+                          "wrote the best schedule evaluated so far: continue with the same command plus --resume "
+                          "(earlier evaluations are reused), or leave --trials out for the complete search",
+                          GSearchWarning, stacklevel=2)
+    cand = Candidate(ratios, {"tolerance": tol, "step": g.grid[0] - g.grid[1],
+                              "evaluations": len(used), "complete": complete}, ctx.scorer)
     sched = cand.as_schedule_dict()
     result = StudyResult(study=study, best=cand, best_params={}, search_value=obj.score(sched),
                          heldout_value=obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
@@ -298,6 +382,18 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
                                   "heldout": obj.score(sd, split="heldout") if obj.batches["heldout"] else None,
                                   "budget": budget_dict(obj, c.ratios, settings)}
     return result
+
+
+def _stored_evaluations(study: Any) -> dict[tuple[str, tuple[float, ...]], float]:
+    """Completed G-Search trials already in the study: (scorer JSON, rounded keep ratios) -> discrepancy."""
+    import json
+
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        ratios, scorer = t.user_attrs.get("keep_ratios"), t.user_attrs.get("scorer")
+        if t.state.name == "COMPLETE" and t.value is not None and ratios is not None and scorer is not None:
+            out[(json.dumps(scorer, sort_keys=True), tuple(round(float(r), 10) for r in ratios))] = float(t.value)
+    return out
 
 
 def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any, obj: Any) -> None:
@@ -332,19 +428,20 @@ def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: f
 
 
 def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, budgets: list[float], callbacks: list,
-                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any) -> Any:
-    """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget."""
+                   tracker: Any, run_id: str, calib_hash: str, echo: Callable[[str], None], study: Any,
+                   out_dir: Path, setup_s: float) -> tuple[Any, list[str]]:
+    """--pareto: one two-objective study, then one replayed, frozen schedule per requested budget.
+
+    Returns the result and the one-line problems of files that had to be rescued (raised after the run closes)."""
     from schedsearch import plots
     from schedsearch.search.optimize import run_pareto
+    from schedsearch.tables import table
 
     if s["method"] == "gsearch":
         raise SearchError("--pareto works with psigmoid, pcosine and vflow (gsearch is greedy, not a sampler)")
     res = run_pareto(settings, obj, budgets, callbacks=callbacks, study=study)
     res.study.set_user_attr("mlflow_run_id", run_id)
-    out_dir = Path(s["out"]) if s.get("out") else Path("schedules")
-    from schedsearch.tables import table
-
-    rows = []
+    problems, rows = [], []
     for b in budgets:
         r = res.per_budget.get(b)
         if r is None:
@@ -358,9 +455,9 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
                                provenance=dict(calibration_hash=calib_hash, study=settings.study_name,
                                                trial=r["trial"], mlflow_run_id=run_id,
                                                command="schedsearch optimize --pareto"))
-        out = out_dir / f"{settings.study_name}-{settings.kind}{b}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sched.save(out)
+        out, problem = save_schedule(sched, out_dir / f"{settings.study_name}-{settings.kind}{b}.json",
+                                     rescue=rescue_dir(settings.storage))
+        problems += [problem] if problem else []
         tracker.log_artifact_file(out)
         rows.append((f"{b:g}", r["search"], r["heldout"], r["budget"]["flops_ratio"], str(out)))
     echo(table(["budget", "search 1-cos", "held-out 1-cos", "FLOPs", "file"], rows, digits=5, fixed=True))
@@ -369,4 +466,4 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
                        "pareto_front.png")
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
-    return res
+    return res, problems

@@ -13,7 +13,9 @@ rule is a tolerance ``tol`` on it (a visible parameter), the granularity is the 
   by bisection on log(tol) as the smallest value whose greedy schedule meets the budget.
 
 Every distinct evaluation goes through ``evaluate(ratios) -> value`` which the caller records as a
-trial (Optuna ask/tell); repeated schedules are answered from a memo and not re-run.
+trial (Optuna ask/tell); repeated schedules are answered from a memo and not re-run. A caller that caps
+the evaluations raises :class:`EvaluationCap` from ``evaluate``; :func:`best_evaluated` then picks the
+best schedule among those evaluated so far.
 """
 
 from __future__ import annotations
@@ -22,6 +24,33 @@ import math
 from collections.abc import Callable, Sequence
 
 from schedsearch.search.budget import BudgetFn
+
+
+class EvaluationCap(Exception):  # noqa: N818 - a control-flow signal, not an error the user sees
+    """Raised by a capped ``evaluate`` when the allowed number of evaluations is used up."""
+
+
+class GSearchWarning(UserWarning):
+    """The greedy search was cut short by --trials; the best evaluated schedule was used."""
+
+
+def best_evaluated(evaluated: Sequence[tuple[list[float], dict, float]], budget_fn: BudgetFn, target: float,
+                   tolerance: float | None, num_layers: int, scorer: dict) -> tuple[list[float], dict, float]:
+    """The best (ratios, scorer, value) among evaluated schedules when the search was cut short.
+
+    Tolerance mode: the cheapest (lowest ``budget_fn``) with value <= tolerance, ties to the lower value;
+    all ones (discrepancy 0 by definition) when none is. Budget mode: the lowest value among those with
+    ``budget_fn <= target``; a SearchError-worthy ValueError when none meets the budget.
+    """
+    if tolerance is not None:
+        ok = [e for e in evaluated if e[2] <= tolerance]
+        if not ok:
+            return [1.0] * num_layers, scorer, 0.0
+        return min(ok, key=lambda e: (budget_fn(e[0]), e[2]))
+    ok = [e for e in evaluated if budget_fn(e[0]) <= target + 1e-12]
+    if not ok:
+        raise ValueError("no evaluated schedule meets the budget")
+    return min(ok, key=lambda e: e[2])
 
 
 def grid_values(step: float) -> list[float]:

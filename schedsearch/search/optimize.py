@@ -12,10 +12,19 @@ search split. The achieved budget minus the request is stored as the trial's con
 and the trial's wall time. Logging is done by callbacks (tracking.py), never in the objective.
 The winner is replayed with ``optuna.trial.FixedTrial`` through the same ``suggest`` path and
 re-scored on the search and held-out splits before it is written.
+
+Seeds of resumed and shared studies: every process that runs trials on a study (a worker, a ``--resume``)
+claims the study's next invocation number under a cross-process lock (user attr ``invocations``) and seeds
+its sampler with ``derive_seed(--seed, study name, number)``: the first invocation uses ``--seed`` itself (a
+fresh study reproduces exactly), later ones a hash of the three, so a resumed study explores new points and
+two workers never propose the same sequence. The claim is recorded on the study (``invocation:<n>`` = seed,
+worker, sampler) and on each trial (user attrs ``invocation`` and ``sampler_seed``), so the study says which
+seed produced which trial.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +58,10 @@ class StudySettings:
     study_name: str | None = None
     resume: bool = False
     scorer: dict = field(default_factory=lambda: {"name": "auto"})
+    # set by open_study: this process's invocation number on the study and the sampler seed derived from it
+    invocation: int | None = None
+    sampler_seed: int | None = None
+    reuse_empty: bool = False  # check_study_name found the study with no trial: a failed start, reused
 
     def validate(self) -> None:
         if not (0.0 < float(self.budget) <= 1.0):
@@ -61,6 +74,8 @@ class StudySettings:
             raise SearchError(f"--sampler {self.sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
         if self.trials < 1:
             raise SearchError(f"--trials {self.trials} must be >= 1")
+        if self.timeout is not None and not float(self.timeout) > 0:
+            raise SearchError(f"--timeout {self.timeout} must be a positive number of seconds (or left out)")
 
 
 @dataclass
@@ -109,12 +124,16 @@ def _context(obj: Objective, settings: StudySettings) -> SearchContext:
 
 
 def check_study_name(settings: StudySettings) -> None:
-    """Refuse to silently append to an existing study: that needs --resume (or another --study name)."""
+    """Before any heavy work: the storage must take writes (``probe_writable``), and an existing study is not
+    appended to silently: that needs --resume (or another --study name)."""
     import optuna
 
-    from schedsearch.storage import make_storage, redact
+    from schedsearch.storage import make_storage, probe_writable, redact
 
-    if not settings.storage or settings.resume or not settings.study_name:
+    if not settings.storage:
+        return
+    probe_writable(settings.storage)
+    if settings.resume or not settings.study_name:
         return
     try:
         existing = optuna.study.get_all_study_names(make_storage(settings.storage))
@@ -123,9 +142,58 @@ def check_study_name(settings: StudySettings) -> None:
     except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
         raise SearchError(f"cannot open study storage {redact(settings.storage)!r}: {err}") from err
     if settings.study_name in existing:
+        if not _has_trials(settings):
+            settings.reuse_empty = True  # an earlier run failed before its first trial: do not block the rerun
+            return
         raise SearchError(f"study {settings.study_name!r} already exists in {redact(settings.storage)}: "
                           "continue it with --resume (several workers on one study all pass --resume) "
                           "or pick another --study name")
+
+
+def _has_trials(settings: StudySettings) -> bool:
+    import optuna
+
+    from schedsearch.storage import make_storage
+
+    study = optuna.load_study(study_name=settings.study_name, storage=make_storage(settings.storage))
+    return bool(study.get_trials(deepcopy=False))
+
+
+def derive_seed(seed: int, study_name: str, invocation: int) -> int:
+    """Sampler seed of a study's ``invocation``-th process (0-based): ``seed`` for the first, else a hash.
+
+    Deterministic in (seed, study name, invocation), so the study's record reproduces each seed; 32 bits
+    because numpy's RandomState (used by Optuna's samplers) takes seeds below 2**32.
+    """
+    if invocation == 0:
+        return int(seed)
+    digest = hashlib.sha256(f"schedsearch-seed:{int(seed)}:{study_name}:{int(invocation)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def claim_invocation(study: Any, settings: StudySettings) -> int:
+    """Atomically take the study's next invocation number (under ``study_lock``) and record this process."""
+    import contextlib
+
+    from schedsearch.storage import study_lock
+
+    lock = study_lock(settings.storage, f"{study.study_name}:invocations") if settings.storage else \
+        contextlib.nullcontext()
+    with lock:
+        n = int(study.user_attrs.get("invocations", 0))
+        study.set_user_attr("invocations", n + 1)
+    seed = derive_seed(settings.seed, study.study_name, n)
+    study.set_user_attr(f"invocation:{n}", {"seed": seed, "base_seed": int(settings.seed),
+                                            "sampler": settings.sampler, "worker": worker_id()})
+    return n
+
+
+def tag_trial(trial: Any, settings: StudySettings) -> None:
+    """User attrs every trial carries: the worker that ran it and the invocation/seed whose sampler proposed it."""
+    trial.set_user_attr("worker", worker_id())
+    if settings.invocation is not None:
+        trial.set_user_attr("invocation", settings.invocation)
+        trial.set_user_attr("sampler_seed", settings.sampler_seed)
 
 
 def worker_id() -> str:
@@ -139,28 +207,32 @@ def worker_id() -> str:
 def open_study(settings: StudySettings, *, pareto: bool = False) -> Any:
     """Create the study, or load it when ``settings.resume`` (create-or-load: how workers join a shared study).
 
-    ``check_study_name`` has already refused a silent reuse without --resume. Concurrent creation by several
-    workers is safe: Optuna loads the study when another worker created it first.
+    ``check_study_name`` has already refused a silent reuse without --resume (a study left without any trial
+    by a failed start is reused). Concurrent creation by several workers is safe: Optuna loads the study when
+    another worker created it first. The sampler is seeded only once the study exists, from this process's
+    invocation number (see the module docstring), and ``settings.invocation``/``sampler_seed`` are set.
     """
     import optuna
 
     from schedsearch.storage import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line between our own output
-    if pareto:
-        sampler = make_sampler(settings.sampler, settings.seed) if settings.sampler not in ("gp", "botorch") else \
-            optuna.samplers.NSGAIISampler(seed=settings.seed)
-        kw: dict[str, Any] = {"directions": ["minimize", "minimize"]}
-    else:
-        sampler = make_sampler(settings.sampler, settings.seed)
-        kw = {"direction": "minimize"}
+    kw: dict[str, Any] = {"directions": ["minimize", "minimize"]} if pareto else {"direction": "minimize"}
     storage = make_storage(settings.storage) if settings.storage else None
     try:
-        return optuna.create_study(sampler=sampler, storage=storage, study_name=settings.study_name,
-                                   load_if_exists=settings.resume, **kw)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.seed), storage=storage,
+                                    study_name=settings.study_name,
+                                    load_if_exists=settings.resume or settings.reuse_empty, **kw)
     except optuna.exceptions.DuplicatedStudyError:
         raise SearchError(f"study {settings.study_name!r} already exists: continue it with --resume "
                           "or pick another --study name") from None
+    settings.invocation = claim_invocation(study, settings)
+    settings.sampler_seed = derive_seed(settings.seed, study.study_name, settings.invocation)
+    if pareto and settings.sampler in ("gp", "botorch"):
+        study.sampler = optuna.samplers.NSGAIISampler(seed=settings.sampler_seed)
+    else:
+        study.sampler = make_sampler(settings.sampler, settings.sampler_seed)
+    return study
 
 
 def feasible_range(obj: Objective, kind: str) -> tuple[float, float]:
@@ -198,7 +270,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
 
     def objective(trial: Any) -> float:
         t0 = time.perf_counter()
-        trial.set_user_attr("worker", worker_id())
+        tag_trial(trial, settings)
         cand = method.suggest(trial, ctx)
         b = budget_dict(obj, cand.ratios, settings)
         trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
@@ -285,7 +357,7 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
 
     def objective(trial: Any) -> tuple[float, float]:
         t0 = time.perf_counter()
-        trial.set_user_attr("worker", worker_id())
+        tag_trial(trial, settings)
         target = trial.suggest_float("target", lo + 1e-9, hi)
         cand = method.suggest(trial, ctx_for(target))
         b = budget_dict(obj, cand.ratios, settings)

@@ -19,6 +19,7 @@ import numpy as np
 IMAGE_SIZE = 128  # px; with patch 4 and 2x2 merge: 16 x 16 = 256 visual tokens
 GRID = 4  # cells per side
 CELL = IMAGE_SIZE // GRID
+MAX_OBJECTS = GRID * GRID  # at most one object per cell
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40), "green": (40, 175, 60), "blue": (45, 80, 225), "yellow": (230, 205, 35),
 }
@@ -61,6 +62,9 @@ class Scene:
 
 
 def make_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 6) -> Scene:
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"objects per scene must satisfy 1 <= min_objects ({min_objects}) <= max_objects "
+                         f"({max_objects}) <= {MAX_OBJECTS} (one object per grid cell)")
     n = int(rng.integers(min_objects, max_objects + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     objs = []
