@@ -70,7 +70,7 @@ RANGES: dict[str, Range] = {
     "batch_size": Range(1, 4096, integer=True),
     "heldout_fraction": Range(0.0, 1.0, hi_open=True),
     "tolerance": Range(0.0, None),  # gsearch: allowed 1 - cos
-    "step": Range(0.0, 0.5, lo_open=True),  # gsearch: keep-ratio grid step
+    "step": Range(0.001, 0.5),  # gsearch: keep-ratio grid step
     "limit": Range(1, None, integer=True),  # evaluate: first N samples
     "repeats": Range(1, 1000, integer=True),  # timing repeats
     "max_new_tokens": Range(1, 4096, integer=True),

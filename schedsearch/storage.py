@@ -175,19 +175,34 @@ def probe_writable(url: str) -> None:
 
 
 _CACHE: dict[tuple, Any] = {}
-_SCHEMA_READY: set[str] = set()  # sqlite URLs whose Optuna tables this process has made sure of
+_SCHEMA_READY: set[str] = set()  # absolute sqlite URLs whose Optuna tables this process has made sure of
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel/path.db`` -> ``sqlite:////abs/path.db``, resolved against the working directory now.
+
+    Per-process caches keyed by a relative URL would keep pointing at the directory they were first filled in
+    (a library user or a test that changes directory); keys and stores are therefore made absolute."""
+    if not str(uri).startswith("sqlite:///"):
+        return uri
+    from pathlib import Path
+
+    path = uri[len("sqlite:///"):]
+    if path in ("", ":memory:") or path.startswith("/"):
+        return uri
+    return f"sqlite:///{Path(path).resolve()}"
 
 
 def make_storage(url: str, hb: HeartbeatSettings | None = None) -> Any:
     """The storage ``optuna.create_study`` / ``load_study`` get for ``url`` (see the module docstring)."""
     if not is_shared(url):
-        if url and str(url).startswith("sqlite:///") and url not in _SCHEMA_READY:
+        if url and str(url).startswith("sqlite:///") and absolute_sqlite(url) not in _SCHEMA_READY:
             # Optuna gets the URL itself (no heartbeats on a one-machine file), but its tables are created here,
             # under the file lock and with the retry below, so processes starting together do not race on them
             import optuna
 
             _open_retrying(url, lambda: _open_rdb(optuna, url, None, None)).engine.dispose()
-            _SCHEMA_READY.add(url)
+            _SCHEMA_READY.add(absolute_sqlite(url))
         return url
     import optuna
 

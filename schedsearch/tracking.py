@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import SchedsearchError
+from schedsearch.storage import absolute_sqlite
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "PARAM_LABELS", "Tracker", "TrackingUnavailableError", "TrackingWarning",
@@ -58,16 +59,6 @@ __all__ = [
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def absolute_sqlite(uri: str) -> str:
-    """``sqlite:///rel/path.db`` -> ``sqlite:////abs/path.db`` (resolved against the working directory now)."""
-    if not uri.startswith("sqlite:///"):
-        return uri
-    path = uri[len("sqlite:///"):]
-    if path in ("", ":memory:") or path.startswith("/"):
-        return uri
-    return f"sqlite:///{Path(path).resolve()}"
 PROBE_TIMEOUT_S = 3
 _STATUSES = ("FINISHED", "KILLED", "FAILED")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")

@@ -244,10 +244,10 @@ def _calibration(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--method", "gsearch", "--tolerance", "-1"], "--tolerance -1.0 must be a discrepancy >= 0"),
-    (["--method", "gsearch", "--tolerance", "nan"], "--tolerance nan must be a discrepancy >= 0"),
-    (["--timeout", "-5"], "--timeout -5.0 must be a positive number of seconds"),
-    (["--timeout", "0"], "--timeout 0.0 must be a positive number of seconds"),
+    (["--method", "gsearch", "--tolerance", "-1"], "--tolerance -1.0 is out of range: it must be x>=0"),
+    (["--method", "gsearch", "--tolerance", "nan"], "--tolerance nan is out of range: it must be x>=0"),
+    (["--timeout", "-5"], "--timeout -5.0 is out of range: it must be x>0"),
+    (["--timeout", "0"], "--timeout 0.0 is out of range: it must be x>0"),
 ])
 def test_bad_search_numbers_are_refused_before_a_study_exists(tmp_path, args, expect):
     proc = _run("-m", "schedsearch", "optimize", "--model", str(tmp_path / "no-model"), "--calibration",

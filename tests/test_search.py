@@ -120,10 +120,12 @@ def test_small_study_replays_winner(qwen_objective):
 
 
 def test_bad_settings():
-    from schedsearch.search.optimize import SearchError, StudySettings
+    from schedsearch.errors import SchedsearchError
+    from schedsearch.search.optimize import StudySettings
 
-    for kw in ({"budget": 0.0}, {"budget": 1.5}, {"method": "nope"}, {"sampler": "nope"}, {"kind": "x"}):
-        with pytest.raises(SearchError):
+    for kw in ({"budget": 0.0}, {"budget": 1.5}, {"method": "nope"}, {"sampler": "nope"}, {"kind": "x"},
+               {"trials": 0}, {"timeout": -5}):
+        with pytest.raises(SchedsearchError):
             StudySettings(**kw).validate()
 
 

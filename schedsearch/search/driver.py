@@ -48,14 +48,12 @@ def _parse_budgets(value: Any, pareto: bool) -> list[float]:
 
 
 def _check_gsearch(s: dict) -> None:
-    """gsearch's own numbers (from flags or a TOML preset): a tolerance >= 0 and a grid step in [0.001, 0.5]."""
-    import math
+    """gsearch's own numbers, for callers that bypass the CLI: the one range table (config.RANGES) decides."""
+    from schedsearch.config import check_range
 
-    tol, step = s.get("tolerance"), s.get("step")
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise SearchError(f"--tolerance {tol} must be a discrepancy >= 0 (1-cos of the last token, e.g. 0.01)")
-    if step is not None and not (isinstance(step, (int, float)) and 0.001 <= step <= 0.5):
-        raise SearchError(f"--step {step} must be in [0.001, 0.5] (the keep-ratio grid of gsearch, e.g. 0.05)")
+    for name in ("tolerance", "step"):
+        if s.get(name) is not None:
+            check_range(name, s[name])
 
 
 def _study_name(s: dict) -> str:

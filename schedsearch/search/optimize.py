@@ -64,18 +64,18 @@ class StudySettings:
     reuse_empty: bool = False  # check_study_name found the study with no trial: a failed start, reused
 
     def validate(self) -> None:
-        if not (0.0 < float(self.budget) <= 1.0):
-            raise SearchError(f"--budget {self.budget} is outside (0, 1]: it is the kept fraction, e.g. 0.2")
+        from schedsearch.config import check_range  # the one range table, shared with the CLI and presets
+
+        check_range("budget", self.budget)
         if self.kind not in ("flops", "tokens", "kv"):
             raise SearchError(f"--budget-kind {self.kind!r} is not known: use flops, tokens or kv")
         if self.method not in METHODS:
             raise SearchError(f"--method {self.method!r} is not known: use one of {', '.join(sorted(METHODS))}")
         if self.sampler not in SAMPLERS:
             raise SearchError(f"--sampler {self.sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
-        if self.trials < 1:
-            raise SearchError(f"--trials {self.trials} must be >= 1")
-        if self.timeout is not None and not float(self.timeout) > 0:
-            raise SearchError(f"--timeout {self.timeout} must be a positive number of seconds (or left out)")
+        check_range("trials", self.trials)
+        if self.timeout is not None:
+            check_range("timeout", self.timeout)
 
 
 @dataclass
