@@ -40,13 +40,32 @@ def _mlflow() -> Any:
 
 
 def _decode_image(data: str) -> Any:
-    from PIL import Image
+    """base64 -> the RGB image a viewer shows, through the same decoder as calibration images (every PIL mode,
+    16-bit included, converted right; bombs and extreme aspect ratios refused)."""
+    import binascii
+
+    from schedsearch.errors import ImageError
+    from schedsearch.images import open_rgb
 
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
-            return im.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - any undecodable payload is one clear error
-        raise ServingError(f"a request image is not a base64-encoded PNG/JPEG ({type(err).__name__})") from err
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ServingError(f"a request image is not base64 ({err})") from None
+    try:
+        return open_rgb(io.BytesIO(raw), "request")
+    except ImageError as err:
+        raise ServingError(str(err)) from None
+
+
+def _check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise ServingError("every record needs a string 'prompt'")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: no tokenizer can encode it
+        bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
+        raise ServingError(f"the prompt holds the lone surrogate {bad}, which is not text") from None
+    return prompt
 
 
 def encode_image(image: Any, fmt: str = "PNG") -> str:
@@ -69,9 +88,7 @@ def generate(adapter: Any, schedule: Any, records: list[dict], max_new_tokens: i
         if imgs is None or (not isinstance(imgs, (list, tuple)) and not hasattr(imgs, "__len__")):
             imgs = [rec["image"]] if rec.get("image") is not None else []
         images = [_decode_image(i) if isinstance(i, str) else i for i in imgs]
-        if not isinstance(rec.get("prompt"), str):
-            raise ServingError("every record needs a string 'prompt'")
-        batch = adapter.prepare([images], [rec["prompt"]])
+        batch = adapter.prepare([images], [_check_prompt(rec.get("prompt"))])
         with torch.no_grad(), apply_schedule(adapter.model, schedule, adapter=adapter):
             seq = adapter.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False)
         out.append(tok.decode(seq[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))

@@ -102,3 +102,28 @@ def test_export_to_unreachable_server_is_one_line_within_seconds(tiny_dir, tmp_p
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr
     assert errors[0].startswith("error: cannot register 'x'") and f"127.0.0.1:{port}" in errors[0]
     assert "Traceback" not in proc.stderr and took < 60, took
+
+
+def test_request_images_and_prompts_go_through_the_shared_checks():
+    """A 16-bit grayscale request image is decoded as the viewer shows it (not solid white); broken base64, a
+    non-image payload and a lone-surrogate prompt are one ServingError line each."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from schedsearch.serving import ServingError, _check_prompt, _decode_image
+
+    ramp = (np.arange(64, dtype=np.uint16)[None, :].repeat(8, 0) * 1024).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.frombytes("I;16", (64, 8), ramp.astype("<u2").tobytes()).save(buf, format="PNG")
+    rgb = np.asarray(_decode_image(base64.b64encode(buf.getvalue()).decode()))
+    assert rgb.shape == (8, 64, 3) and 100 < rgb.mean() < 155 and rgb[0, 0, 0] < rgb[0, -1, 0]
+    for bad in ("not base64 !!", base64.b64encode(b"hello, not an image").decode()):
+        with pytest.raises(ServingError) as ei:
+            _decode_image(bad)
+        assert "\n" not in str(ei.value)
+    with pytest.raises(ServingError, match="lone surrogate"):
+        _check_prompt("what is \ud800 here?")
+    assert _check_prompt("fine ?") == "fine ?"
