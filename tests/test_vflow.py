@@ -91,3 +91,21 @@ def test_vflow_study_runs(qwen, tmp_path):
     assert res.budget["achieved"] <= 0.4 + 1e-12
     assert res.best.scorer["name"] == "external"
     assert res.search_value == pytest.approx(res.study.best_value, abs=1e-6)
+
+
+def test_vflow_on_a_family_without_vision_maps_is_one_line(tiny_dir):
+    """LLaVA's CLIP tower has no VFlowOpt map hook: building the objective is one project error, not a traceback."""
+    from schedsearch.errors import SchedsearchError
+    from schedsearch.models import load_model
+    from schedsearch.search.objective import Objective
+    from schedsearch.testing.tiny import tiny_images
+
+    ad = load_model(tiny_dir("llava"))
+
+    class S:  # a calibration sample
+        def __init__(self, im):
+            self.images, self.prompt, self.answer = [im], "what is it ?", None
+
+    with pytest.raises(SchedsearchError, match="method vflow needs vision-attention maps") as ei:
+        Objective(ad, [S(im) for im in tiny_images(2)], heldout_fraction=0.0, vision_maps=True)
+    assert "\n" not in str(ei.value)

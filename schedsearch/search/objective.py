@@ -33,12 +33,17 @@ from typing import Any
 
 import torch
 
+from schedsearch.errors import SchedsearchError
 from schedsearch.evaluation import make_batches, token_counts
 from schedsearch.flops import DecoderShape, budget_report
 from schedsearch.runtime import apply_schedule
 from schedsearch.schedule import kept_counts
 
 SPLITS = ("search", "heldout")
+
+
+class UnsupportedForModel(SchedsearchError, ValueError):
+    """A search setting this model's adapter cannot serve (one line, exit 2)."""
 
 
 def split_samples(samples: Sequence[Any], heldout_fraction: float, seed: int) -> tuple[list, list]:
@@ -85,9 +90,11 @@ class Objective:
         self.reference = {name: self._reference(name) for name in SPLITS}
 
     def _vision_maps(self, split: str, raw: list) -> None:
-        if not hasattr(self.adapter, "vision_attention"):
-            raise ValueError(f"method vflow needs vision-attention maps, which the {self.adapter.family} adapter "
-                             "does not provide yet: use psigmoid, pcosine or gsearch")
+        if not (hasattr(self.adapter, "vision_attention") and hasattr(self.adapter, "merged_token_grey")):
+            raise UnsupportedForModel(
+                f"method vflow needs vision-attention maps, which the {self.adapter.family} adapter does not provide "
+                "(they exist for the Qwen-style towers: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V): use psigmoid, "
+                "pcosine or gsearch")
         from schedsearch.runtime.importance import patch_entropy
 
         self.maps[split], self.entropy[split], self.vis_counts[split] = [], [], []
