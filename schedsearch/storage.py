@@ -12,7 +12,7 @@
 - A storage that cannot be reached is one line (``SchedsearchError``) naming the URL with the password hidden.
 
 ``study_lock(url, study)`` is a cross-process lock used for the few read-modify-write steps on a shared
-study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, ``flock`` next to a sqlite file.
+study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, a ``filelock`` lock file next to a sqlite file.
 
 Faults of the store itself (a read-only file or file system, a full disk, a user without write permission):
 ``probe_writable(url)`` runs a rolled-back write before any heavy work, and ``storage_error(err, url)`` turns
@@ -264,26 +264,24 @@ def _open_rdb(optuna: Any, url: str, hb: HeartbeatSettings | None, retry_cls: An
 def study_lock(url: str, study: str) -> Iterator[None]:
     """Hold a cross-process lock named after ``study`` for a read-modify-write on the shared study."""
     if url.startswith("sqlite:///"):
-        import fcntl
+        from filelock import FileLock  # portable OS file lock (flock / LockFileEx), released if the process dies
 
         path = url[len("sqlite:///"):]
         if not path or path == ":memory:":
             yield
             return
-        lock = f"{path}.{hashlib.sha1(study.encode()).hexdigest()[:12]}.lock"
+        lock = FileLock(f"{path}.{hashlib.sha1(study.encode()).hexdigest()[:12]}.lock")
         try:
-            fh = open(lock, "a+")  # noqa: SIM115 - closed below
+            lock.acquire()
         except OSError as err:
             if err.errno != errno.EROFS:
-                raise StorageError(f"cannot create the study lock {lock}: {err.strerror}") from None
+                raise StorageError(f"cannot create the study lock {lock.lock_file}: {err.strerror}") from None
             yield  # a read-only file system: nobody can write the database, the write itself says why
             return
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            lock.release()
         return
     if not url.startswith(("postgresql", "postgres://")):
         yield  # other RDBs: the caller's set-then-re-read still resolves the race

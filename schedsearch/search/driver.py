@@ -85,7 +85,7 @@ def claim_parent_run(study: Any, storage: str, tracker: Any, name: str, params: 
                      log_callback: Callable[[Any, Any], None] | None = None) -> str:
     """One MLflow parent run per study, shared by every worker (and by --resume).
 
-    Under a cross-process lock on the study (``pg_advisory_lock`` on PostgreSQL, ``flock`` for sqlite) the
+    Under a cross-process lock on the study (``pg_advisory_lock`` on PostgreSQL, a lock file for sqlite) the
     worker reads the study's user attr ``mlflow_run_id``: when set it resumes that run, else it creates the
     parent and stores its id before releasing the lock, so two workers starting at once cannot both create one.
     The id is re-read afterwards; should another worker have won anyway (a storage without such a lock), this
