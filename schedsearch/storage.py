@@ -12,7 +12,8 @@
 - A storage that cannot be reached is one line (``SchedsearchError``) naming the URL with the password hidden.
 
 ``study_lock(url, study)`` is a cross-process lock used for the few read-modify-write steps on a shared
-study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, a ``filelock`` lock file next to a sqlite file.
+study (claiming the MLflow parent run): ``pg_advisory_lock`` on PostgreSQL, a ``filelock`` lock file next
+to a sqlite file.
 
 Faults of the store itself (a read-only file or file system, a full disk, a user without write permission):
 ``probe_writable(url)`` runs a rolled-back write before any heavy work, and ``storage_error(err, url)`` turns
