@@ -23,8 +23,14 @@ Mechanism (no class is patched; everything is a removable forward pre-hook):
    gets a mask rebuilt for its own cache: its prefill survivors plus all decoded tokens, with
    padding from the 2-D mask.
 
+Video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): video tokens are visual tokens like image tokens (the adapter's
+``modality_mask``: 1 = image, 2 = video). A schedule with ``modality_keep_ratios`` (schema 1.4) keeps each
+modality's own count (the rounding rule per modality) at every drop, choosing the best-scored tokens of each
+modality; without it one count covers all visual tokens. A batch with ``pixel_values_videos`` on a family that
+takes no video is refused (its video tokens would not be counted).
+
 Limits (raise a clear error rather than compute something wrong): all samples of a batch must
-have the same number of visual tokens; a prefill must start from an empty cache; flex-attention
+have the same number of visual tokens (of each modality); a prefill must start from an empty cache; flex-attention
 block masks are not supported.
 """
 
@@ -41,7 +47,7 @@ from schedsearch.runtime.deepstack import DeepStack, deepstack_post_hook
 from schedsearch.runtime.recycle import cell_ids, merge_into_kept
 from schedsearch.runtime.scorers import External, ScoreContext, build_scorer
 from schedsearch.runtime.scorers.base import PrefillView
-from schedsearch.schedule import RECYCLING_WEIGHTINGS, kept_counts
+from schedsearch.schedule import RECYCLING_WEIGHTINGS, kept_counts, modality_kept_counts
 
 
 class RuntimeScheduleError(SchedsearchError):
@@ -82,6 +88,9 @@ class _Forward:
     total_len: int
     valid: torch.Tensor | None  # (B, L) bool padding mask (None: no padding)
     coords: torch.Tensor | None = None  # (B, V, 3), computed at the first drop when recycling
+    time: torch.Tensor | None = None  # (B, V, 2) (clip, frame), computed at the first drop for temporal scorers
+    modality: torch.Tensor | None = None  # (B, N) long 1 = image, 2 = video (original sequence)
+    mod_counts: dict[int, list[int]] | None = None  # per modality kept counts (schedule's modality_keep_ratios)
     vision: dict | None = None  # vision-encoder maps per original visual token (scorers with vision_layers)
     cur_idx: torch.Tensor | None = None  # (B, n) original positions alive; None = all
     version: int = 0
@@ -101,6 +110,8 @@ class ScheduleHandle:
         self.adapter = adapter
         self.schedule = schedule
         self.ratios = [float(r) for r in _field(schedule, "keep_ratios")]
+        self.modality_ratios = {str(k): [float(r) for r in v]
+                                for k, v in dict(_field(schedule, "modality_keep_ratios", None) or {}).items()}
         scorer = _field(schedule, "scorer")
         params = dict(_field(scorer, "params", {}) or {})
         self.scorer = build_scorer(_field(scorer, "name", "last_token_attention"), params, importance)
@@ -135,7 +146,7 @@ class ScheduleHandle:
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
-        self._pending: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None  # (B, N) long modality of each position (0 = text)
         self._base_mask: Any = None  # the 2-D padding mask the base model was last called with
         ds_kwargs = tuple(getattr(adapter.spec, "deepstack_kwargs", ()) or ())
         self._deepstack = DeepStack(ds_kwargs) if ds_kwargs else None
@@ -194,10 +205,14 @@ class ScheduleHandle:
         if _cache_len(_cache_of(kwargs)) > 0:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("pixel_values_videos") is not None and not getattr(self.adapter, "supports_video", False):
+            raise RuntimeScheduleError(f"the batch has pixel_values_videos but the {self.adapter.family} adapter does "
+                                       "not locate video tokens: pruning would ignore them; use images, or a family "
+                                       "that takes video (qwen2_vl, qwen2_5_vl, qwen3_vl)")
         if input_ids is None:
             self._pending = None
             return None
-        self._pending = self.adapter.visual_mask(input_ids)
+        self._pending = self.adapter.modality_mask(input_ids)
         vision_call = self._batch.get("_vision_call")
         self._batch = {k: v for k, v in kwargs.items() if v is not None}
         self._batch["input_ids"] = input_ids  # LLaVA-NeXT passes it positionally
@@ -287,7 +302,7 @@ class ScheduleHandle:
                 self._deepstack.clear()
             if pending is None or pending.shape[1] != seq:
                 return None
-            visual = pending
+            visual = pending > 0
             per_sample = visual.sum(dim=1)
             if bool((per_sample != per_sample[0]).any()):
                 raise RuntimeScheduleError(
@@ -295,11 +310,11 @@ class ScheduleHandle:
                     "pruning needs equal counts per batch; group samples by image size or run them one at a time"
                 )
             n_vis = int(per_sample[0])
-            counts = kept_counts(self.ratios, n_vis)
+            counts, mod_counts = self._counts(pending, n_vis)
             if n_vis == 0 or all(c == n_vis for c in counts):
                 return None
             self._fwd = _Forward(visual=visual, counts=counts, n_visual=n_vis, n_prefill=seq, total_len=seq,
-                                 valid=valid)
+                                 valid=valid, modality=pending, mod_counts=mod_counts)
             if hasattr(self.scorer, "begin"):  # per-prefill state (External's map, observers' accumulators)
                 self.scorer.begin(self._batch_info())
             if self._deepstack is not None and self._deepstack.take(kwargs):  # added at the survivors instead
@@ -309,6 +324,22 @@ class ScheduleHandle:
             self._fwd.total_len += seq
             self._fwd.valid = valid
         return None
+
+    def _counts(self, modality: torch.Tensor, n_vis: int) -> tuple[list[int], dict[int, list[int]] | None]:
+        """Kept visual tokens entering each layer, and per modality (1 image, 2 video) when the schedule has
+        ``modality_keep_ratios`` (the contract's rounding rule applied to each modality's own count)."""
+        if not self.modality_ratios:
+            return kept_counts(self.ratios, n_vis), None
+        per: dict[str, int] = {}
+        for code, name in ((1, "image"), (2, "video")):
+            n = (modality == code).sum(dim=1)
+            if bool((n != n[0]).any()):
+                raise RuntimeScheduleError(f"batch samples have different {name}-token counts {n.tolist()}: pruning "
+                                           "per modality needs equal counts per batch; run them one at a time")
+            per[name] = int(n[0])
+        by_name = modality_kept_counts(self.ratios, self.modality_ratios, per)
+        mod_counts = {1: by_name["image"], 2: by_name["video"]}
+        return [a + b for a, b in zip(mod_counts[1], mod_counts[2], strict=True)], mod_counts
 
     def _layer_pre(self, l: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self._fwd
@@ -387,6 +418,17 @@ class ScheduleHandle:
                     what = "recycling" if self.grid else f"scorer {self.scorer.name}"
                     raise RuntimeScheduleError(f"{what} needs the visual tokens' image positions: {err}") from None
             coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
+        time = None
+        if getattr(self.scorer, "needs_time", False):
+            if st.time is None:
+                try:
+                    st.time = self.adapter.visual_time(self._batch_info())
+                except ValueError as err:
+                    raise RuntimeScheduleError(f"scorer {self.scorer.name} needs the visual tokens' frames: "
+                                               f"{err}") from None
+            time = st.time.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 2))
+            if coords is None:
+                raise RuntimeScheduleError(f"scorer {self.scorer.name} sets needs_time without needs_coords")
         if self._vision_request and st.vision is None:
             st.vision = self._vision_maps()
         ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
@@ -394,11 +436,12 @@ class ScheduleHandle:
                            head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                            coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
                            rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None,
-                           vision=st.vision, alive_orig=cur, n_visual=st.n_visual)
+                           vision=st.vision, alive_orig=cur, n_visual=st.n_visual, time=time,
+                           modality=st.modality.gather(1, cur.gather(1, vis_local)))
         with torch.no_grad():
             scores = self.scorer(ctx).float()
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
-        keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        keep_vis = _select(scores, n_keep, ctx.modality, None if st.mod_counts is None else
+                           {k: c[l] for k, c in st.mod_counts.items()})
         merge = getattr(self.scorer, "merge", None)
         if merge is not None:  # the scorer folds pruned tokens into kept ones (kept count unchanged)
             with torch.no_grad():
@@ -439,6 +482,20 @@ class ScheduleHandle:
         allowed = masks.decode_allowed(keys, valid, total, q_len, window)
         impl = getattr(getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation", None)
         return masks.as_mask_like(allowed, mask, impl, hs.dtype)
+
+
+def _select(scores: torch.Tensor, n_keep: int, modality: torch.Tensor, per_modality: dict[int, int] | None,
+            ) -> torch.Tensor:
+    """(B, V) bool: the ``n_keep`` best-scored visual tokens (stable ties: the earlier token), or with
+    ``per_modality`` = {code: count} the ``count`` best of each modality's tokens."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if per_modality is None:
+        return keep.scatter_(1, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep], True)
+    for code, count in per_modality.items():
+        if count > 0:
+            ranked = scores.masked_fill(modality != code, float("-inf"))
+            keep.scatter_(1, torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :count], True)
+    return keep
 
 
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:

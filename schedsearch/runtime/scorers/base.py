@@ -54,6 +54,11 @@ class ScoreContext:
     alive_orig: torch.Tensor | None = None
     #: number of visual tokens per sample before any drop of this prefill
     n_visual: int | None = None
+    #: (B, V, 2) long (clip, frame) of the alive visual tokens -- the sample's video number and temporal patch, or
+    #: (-1, 0) for image tokens; filled only for scorers with ``needs_time = True`` (and ``needs_coords``)
+    time: torch.Tensor | None = None
+    #: (B, V) long modality of the alive visual tokens: 1 = image, 2 = video
+    modality: torch.Tensor | None = None
     #: scratch space shared by ``__call__`` and ``merge`` of ONE drop (a plan computed once, used twice)
     scratch: dict = field(default_factory=dict)
 
@@ -61,7 +66,8 @@ class ScoreContext:
 class Scorer(Protocol):
     """A ranking. Only ``name`` and ``__call__`` are required; the runtime also uses, when a scorer has them:
 
-    * ``needs_coords = True``: fill ``ctx.coords``.
+    * ``needs_coords = True``: fill ``ctx.coords``. ``needs_time = True`` (with ``needs_coords``): fill
+      ``ctx.time`` (video rankings: which clip and frame each token belongs to).
     * ``vision_layers(depth, global_layers) -> {layer: kinds}``: called once when the schedule is applied, with
       the vision encoder's depth and the layers whose attention is global (adapter ``vision_encoder_layers``);
       the runtime records those maps during every vision-encoder run (adapter ``vision_maps_hook``) and fills

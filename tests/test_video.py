@@ -1,0 +1,254 @@
+"""Video inputs (issue 17): the Qwen video path, per-modality schedules, and one-line refusals.
+
+Tiny random-init checkpoints of the real transformers classes (tests/conftest.py ``tiny_dir``); clips are built
+from ``tiny_images`` frames. What is checked: video tokens are visual tokens (a schedule prunes them -- before
+the fix a video batch ran unpruned), a keep-0.5 schedule keeps the rounding rule's count of each modality, cached
+generate equals recompute, the model is unchanged after exit, and bad videos / video on a family without video
+are one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from schedsearch.errors import CalibrationError, VideoError
+from schedsearch.runtime import RuntimeScheduleError, apply_schedule
+from schedsearch.schedule import kept_counts
+from schedsearch.testing.tiny import schedule_for, tiny_images
+from schedsearch.video import Video, load_video
+
+VIDEO_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+_ADAPTERS: dict = {}
+
+
+@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+def vad(request, tiny_dir):
+    from schedsearch.models import load_model
+
+    if request.param not in _ADAPTERS:
+        _ADAPTERS[request.param] = load_model(tiny_dir(request.param))
+    return _ADAPTERS[request.param]
+
+
+def _clip(seed=1, n=4, fps=2.0) -> Video:
+    frames = tiny_images(n, seed=seed)
+    return Video(tuple(frames), tuple(i / fps for i in range(n)), fps)
+
+
+def _batch(ad, kind: str, prompts=("what moves?",)):
+    if kind == "video":
+        return ad.prepare([[] for _ in prompts], list(prompts), videos=[[_clip()] for _ in prompts])
+    img = tiny_images(1, seed=5)[0]
+    return ad.prepare([[img] for _ in prompts], list(prompts), videos=[[_clip()] for _ in prompts])
+
+
+def _hooks(model) -> dict:
+    return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+def _suppress(ad):
+    return sorted(set(ad.processor.tokenizer.all_special_ids))
+
+
+@pytest.mark.parametrize("kind", ["video", "mixed"])
+@torch.no_grad()
+def test_video_tokens_are_visual_and_pruned_per_modality(vad, kind):
+    ad = vad
+    batch = _batch(ad, kind, ("what moves?", "which shape appears first?"))
+    mod = ad.modality_mask(batch["input_ids"])
+    assert torch.equal(mod, batch["mm_token_type_ids"].long())  # what the model itself uses for positions
+    n_img, n_vid = int((mod[0] == 1).sum()), int((mod[0] == 2).sum())
+    assert n_vid > 0 and (n_img > 0) == (kind == "mixed")
+    ref = ad.model(**batch).logits
+    state = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    hooks = _hooks(ad.model)
+    n = ad.num_layers
+    half = [1.0] + [0.5] * (n - 1)
+    # one ratio for all visual tokens: the total follows the rounding rule on image + video tokens
+    with apply_schedule(ad.model, schedule_for(ad, half, scorer="uniform", params={}), adapter=ad) as h:
+        one = ad.model(**batch).logits
+        assert h.kept_indices[1].shape[1] == batch["input_ids"].shape[1] - (n_img + n_vid) + \
+            kept_counts(half, n_img + n_vid)[1]
+    assert not torch.allclose(one[:, -1], ref[:, -1])  # video tokens were pruned (before issue 17 they were not)
+    # per modality (schema 1.4): video at 0.5 from layer 1, images at 0.75 from layer 2
+    img_r = [1.0, 1.0] + [0.75] * (n - 2)
+    sched = schedule_for(ad, [1.0] * n, scorer="random", params={"seed": 3}).replace(
+        modality_keep_ratios={"video": half, "image": img_r})
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        pruned = ad.model(**batch).logits
+        for layer in range(n):
+            if layer not in h.kept_indices:
+                continue
+            alive = mod.gather(1, h.kept_indices[layer])
+            for code, ratios, count in ((1, img_r, n_img), (2, half, n_vid)):
+                assert (alive == code).sum(1).tolist() == [kept_counts(ratios, count)[layer]] * 2, (layer, code)
+    assert not torch.allclose(pruned[:, -1], ref[:, -1])
+    assert _hooks(ad.model) == hooks
+    assert torch.equal(ad.model(**batch).logits, ref)
+    for k, v in ad.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("kind", ["video", "mixed"])
+@torch.no_grad()
+def test_cached_generate_equals_recompute_on_video(vad, kind):
+    ad = vad
+    n = ad.num_layers
+    sched = schedule_for(ad, [1.0] + [0.5] * (n - 1), scorer="uniform", params={}).replace(
+        modality_keep_ratios={"video": [0.5] * (n - 1) + [0.25]})
+    batch = _batch(ad, kind)
+    steps = 3
+    with apply_schedule(ad.model, sched, adapter=ad):
+        out = ad.model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                suppress_tokens=_suppress(ad), output_logits=True, return_dict_in_generate=True)
+        plen = batch["input_ids"].shape[1]
+        for s in range(steps):
+            seq = out.sequences[:, : plen + s]
+            full = dict(batch)
+            full["input_ids"] = seq
+            full["attention_mask"] = torch.ones_like(seq)
+            grown = torch.zeros_like(seq[:, plen:]).to(batch["mm_token_type_ids"].dtype)
+            full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], grown], dim=1)
+            logits = ad.model(**full, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, out.logits[s], atol=1e-4, rtol=1e-4)
+
+
+def test_video_patches_follow_the_stock_layout(vad):
+    """The stand-in's pixel_values_videos equal the stock Qwen2VLVideoProcessor.patchify formula (transformers
+    video_processing_qwen2_vl.py) applied to the frames the image processor resizes and normalises."""
+    ad = vad
+    clip = _clip(n=3)  # odd: padded with the last frame
+    batch = ad.prepare([[]], ["x"], videos=[[clip]])
+    proc = ad.processor.image_processor
+    ps, m, tps = proc.patch_size, proc.merge_size, proc.temporal_patch_size
+    frames = list(clip.frames) + [clip.frames[-1]]
+    per = np.asarray(proc(images=frames, return_tensors="np")["pixel_values"], np.float32)
+    gt, gh, gw = batch["video_grid_thw"][0].tolist()
+    c = per.shape[1] // (tps * ps * ps)
+    # undo the image patchify to get normalised frames (T, C, H, W), then the stock video patchify
+    img = per.reshape(len(frames), gh // m, gw // m, m, m, c, tps, ps, ps)[:, :, :, :, :, :, 0]
+    img = img.transpose(0, 5, 1, 3, 6, 2, 4, 7).reshape(len(frames), c, gh * ps, gw * ps)
+    v = torch.from_numpy(np.ascontiguousarray(img))[None]
+    v = v.view(1, gt, tps, c, gh // m, m, ps, gw // m, m, ps).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    stock = v.reshape(gt * gh * gw, c * tps * ps * ps)
+    assert gt == 2
+    torch.testing.assert_close(batch["pixel_values_videos"].float(), stock)
+    if ad.family == "qwen2_5_vl":
+        assert batch["second_per_grid_ts"].tolist() == [pytest.approx(tps / clip.fps)]
+
+
+def test_visual_coords_and_time_cover_video(vad):
+    ad = vad
+    batch = _batch(ad, "mixed")
+    coords, time = ad.visual_coords(batch), ad.visual_time(batch)
+    mod = ad.modality_mask(batch["input_ids"])[0]
+    kinds = mod[mod > 0]
+    assert coords.shape[:2] == time.shape[:2] == (1, len(kinds))
+    assert (time[0, kinds == 1, 0] == -1).all() and (time[0, kinds == 2, 0] == 0).all()
+    frames = time[0, kinds == 2, 1]
+    assert frames.unique().tolist() == [0, 1]  # 4 frames, temporal patch 2
+    # each temporal patch is its own item with the same cell grid
+    vc = coords[0, kinds == 2]
+    assert vc[frames == 0, 0].unique().numel() == 1 and vc[frames == 1, 0].unique().numel() == 1
+    assert torch.equal(vc[frames == 0, 1:], vc[frames == 1, 1:])
+
+
+# ------------------------------------------------------------------ refusals (one line, file named)
+def test_family_without_video_refuses(tiny_dir):
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("llava"))
+    with pytest.raises(VideoError, match="llava family takes no video"):
+        ad.prepare([[]], ["x"], videos=[[_clip()]])
+    batch = ad.prepare([[tiny_images(1)[0]]], ["x"])
+    batch["pixel_values_videos"] = torch.zeros(1)
+    with apply_schedule(ad.model, schedule_for(ad, [0.5] * ad.num_layers, scorer="uniform", params={}),
+                        adapter=ad), pytest.raises(RuntimeScheduleError, match="pixel_values_videos"):
+        ad.model(**batch)
+
+
+def _frames_dir(tmp_path, name, sizes):
+    d = tmp_path / name
+    d.mkdir()
+    for i, s in enumerate(sizes):
+        tiny_images(1, size=s, seed=i)[0].save(d / f"{i:03d}.png")
+    return d
+
+
+def _mp4(path, n=6, size=(32, 32)):
+    import av
+
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("mpeg4", rate=4)
+        st.width, st.height = size
+        st.pix_fmt = "yuv420p"
+        for i in range(n):
+            arr = np.full((size[1], size[0], 3), 20 * i, np.uint8)
+            for pkt in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    return path
+
+
+def test_load_video_folder_and_file(tmp_path):
+    d = _frames_dir(tmp_path, "clip", [(24, 24)] * 10)
+    v = load_video(d, frames=4)
+    assert len(v) == 4 and v.size == (24, 24) and v.timestamps == (1.0, 3.0, 6.0, 8.0)
+    v2 = load_video(d, frames=3, fps=0.5, folder_fps=1.0)
+    assert v2.timestamps == (0.0, 2.0, 4.0)
+    pytest.importorskip("av")
+    f = _mp4(tmp_path / "c.mp4", n=8)
+    v3 = load_video(f, frames=4)
+    assert len(v3) == 4 and v3.size == (32, 32)
+    grey = [np.asarray(fr).mean() for fr in v3.frames]
+    assert grey == sorted(grey) and grey[-1] > grey[0] + 40  # later frames are brighter: sampled in order
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "empty_file", "corrupt", "sizes", "not_frames"])
+def test_bad_videos_are_one_line_naming_the_file(tmp_path, case):
+    if case == "missing":
+        path = tmp_path / "nope.mp4"
+    elif case == "empty_dir":
+        path = tmp_path / "clip"
+        path.mkdir()
+    elif case == "empty_file":
+        path = tmp_path / "e.mp4"
+        path.write_bytes(b"")
+    elif case == "corrupt":
+        pytest.importorskip("av")
+        path = tmp_path / "c.mp4"
+        path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    elif case == "sizes":
+        path = _frames_dir(tmp_path, "clip", [(24, 24), (24, 24), (32, 24)])
+    else:
+        path = tmp_path / "clip"
+        path.mkdir()
+        (path / "0.png").write_bytes(b"not a png")
+    with pytest.raises(VideoError) as ei:
+        load_video(path, frames=8)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg
+
+
+def test_manifest_with_videos(tmp_path):
+    _frames_dir(tmp_path, "clip", [(24, 24)] * 6)
+    tiny_images(1)[0].save(tmp_path / "a.png")
+    lines = [{"video": "clip", "prompt": "what moves?", "frames": 4},
+             {"image": "a.png", "video": "clip", "prompt": "and now?"}]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    from schedsearch.calibration import calibration_hash, load_manifest
+
+    s = load_manifest(tmp_path, video_frames=2)
+    assert [len(x.videos[0]) for x in s] == [4, 2] and s[1].images
+    h = calibration_hash(s)
+    (tmp_path / "clip" / "000.png").unlink()
+    assert calibration_hash(load_manifest(tmp_path)) != h
+    _frames_dir(tmp_path, "bad", [(24, 24), (30, 24)])
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"video": "bad", "prompt": "x"}) + "\n")
+    with pytest.raises(CalibrationError, match=r"manifest.jsonl:1: video .*bad: frames have different sizes"):
+        load_manifest(tmp_path)
