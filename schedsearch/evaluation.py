@@ -53,30 +53,39 @@ class EvalReport:
         return d
 
 
+def prepare_samples(adapter: Any, chunk: Sequence[Any]) -> Any:
+    """``adapter.prepare`` for calibration samples: their images, and their videos when any has one."""
+    videos = [list(s.videos) for s in chunk] if any(getattr(s, "video_paths", ()) for s in chunk) else None
+    if videos is None:
+        return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk])
+    return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk], videos=videos)
+
+
 def make_batches(adapter: Any, samples: Sequence[Any], batch_size: int = 8) -> list[Any]:
-    """Left-padded batches of samples that share a visual-token count (order kept within a group)."""
-    groups: dict[int, list[Any]] = {}
+    """Left-padded batches of samples that share their visual-token counts, per modality (order kept in a group)."""
+    groups: dict[tuple[int, ...], list[Any]] = {}
     for s in samples:
-        one = adapter.prepare([list(s.images)], [s.prompt])
-        n_vis = int(adapter.visual_mask(one["input_ids"]).sum())
-        groups.setdefault(n_vis, []).append(s)
+        one = prepare_samples(adapter, [s])
+        mod = adapter.modality_mask(one["input_ids"])
+        groups.setdefault((int((mod == 1).sum()), int((mod == 2).sum())), []).append(s)
     batches = []
     for group in groups.values():
         for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batches.append(adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk]))
+            batches.append(prepare_samples(adapter, group[i : i + batch_size]))
     return batches
 
 
-def token_counts(adapter: Any, batches: Iterable[Any]) -> list[tuple[int, int]]:
-    """(n_text, n_visual) per sample, padding excluded."""
+def token_counts(adapter: Any, batches: Iterable[Any], video: bool = False) -> list[tuple[int, ...]]:
+    """(n_text, n_visual) per sample, padding excluded; with ``video``: (n_text, n_visual, n_video)."""
     out = []
     for b in batches:
-        vis = adapter.visual_mask(b["input_ids"])
+        mod = adapter.modality_mask(b["input_ids"])
+        vis = mod > 0
         real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones_like(vis)
         for i in range(vis.shape[0]):
             n_vis = int(vis[i].sum())
-            out.append((int(real[i].sum()) - n_vis, n_vis))
+            row = (int(real[i].sum()) - n_vis, n_vis)
+            out.append(row + (int((mod[i] == 2).sum()),) if video else row)
     return out
 
 
@@ -133,7 +142,8 @@ def evaluate_schedule(adapter: Any, schedule: Any, samples: Sequence[Any], *, ba
     counts = token_counts(adapter, batches)
     ratios = list(schedule.keep_ratios)
     shape = DecoderShape.from_config(adapter.text_config)
-    budget = budget_report(shape, counts, ratios)
+    budget = budget_report(shape, token_counts(adapter, batches, video=True), ratios,
+                           modality_ratios=dict(getattr(schedule, "modality_keep_ratios", None) or {}))
     ref = last_token_states(adapter, batches)
     got = last_token_states(adapter, batches, schedule)
     disc = cosine_discrepancy(ref, got)

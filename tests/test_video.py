@@ -252,3 +252,30 @@ def test_manifest_with_videos(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"video": "bad", "prompt": "x"}) + "\n")
     with pytest.raises(CalibrationError, match=r"manifest.jsonl:1: video .*bad: frames have different sizes"):
         load_manifest(tmp_path)
+
+
+@torch.no_grad()
+def test_flops_and_budget_count_each_modality(vad):
+    """The FLOPs/KV model counts what the runtime keeps: image and video tokens on their own ratios."""
+    from schedsearch.evaluation import token_counts
+    from schedsearch.flops import DecoderShape, budget_report, visual_layer_counts
+
+    ad = vad
+    n = ad.num_layers
+    batch = _batch(ad, "mixed")
+    mods = {"video": [1.0] + [0.25] * (n - 1), "image": [1.0, 1.0] + [0.5] * (n - 2)}
+    sched = schedule_for(ad, [1.0] * n, scorer="uniform", params={}).replace(modality_keep_ratios=mods)
+    (n_text, n_vis, n_vid), = token_counts(ad, [batch], video=True)
+    assert n_vid == int((batch["mm_token_type_ids"] == 2).sum())
+    expect = visual_layer_counts(sched.keep_ratios, n_vis, n_vid, sched.modality_keep_ratios)
+    vis = ad.visual_mask(batch["input_ids"])
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        ad.model(**batch)
+        alive = [int(vis.gather(1, h.kept_indices[l]).sum()) if l in h.kept_indices else n_vis for l in range(n)]
+    assert alive == expect
+    shape = DecoderShape.from_config(ad.text_config)
+    rep = budget_report(shape, [(n_text, n_vis, n_vid)], sched.keep_ratios, modality_ratios=mods)
+    only_img = budget_report(shape, [(n_text, n_vis, n_vid)], sched.keep_ratios,
+                             modality_ratios={"image": mods["image"]})
+    assert rep.flops_ratio < only_img.flops_ratio < 1.0
+    assert rep.token_ratio == pytest.approx(sum(expect) / (n * n_vis))
