@@ -173,6 +173,18 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.hired:HiRED",
         {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
         since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
+    # --- schema 1.4: video rankings (issue 17); they read each token's clip and frame (video families only)
+    "evs": ScorerSpec(
+        "schedsearch.runtime.scorers.evs:EVS", since="1.4",
+        summary="EVS (vLLM's Efficient Video Sampling): dissimilarity to the same cell of the previous frame"),
+    "holitom": ScorerSpec(
+        "schedsearch.runtime.scorers.holitom:HoliTom",
+        {"tau": Float(0.8, low=-1.0, high=1.0), "max_window": Int(8, 2, 1024), "beta": Float(0.6, low=0.0, high=1.0)},
+        since="1.4", summary="HoliTom: static cells of DP-segmented frame windows merged over time, the rest in space"),
+    "vidcom2": ScorerSpec(
+        "schedsearch.runtime.scorers.vidcom2:VidCom2",
+        {"temperature": Float(0.01, low=1e-4, high=1e3), "channel_ratio": Float(0.5, low=0.01, high=1.0)},
+        since="1.4", summary="VidCom2: per-frame budgets by frame distinctiveness, then the most distinct tokens"),
 }
 
 

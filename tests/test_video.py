@@ -279,3 +279,104 @@ def test_flops_and_budget_count_each_modality(vad):
                              modality_ratios={"image": mods["image"]})
     assert rep.flops_ratio < only_img.flops_ratio < 1.0
     assert rep.token_ratio == pytest.approx(sum(expect) / (n * n_vis))
+
+
+# ------------------------------------------------------------------ video rankings (evs, holitom, vidcom2)
+def _vctx(states: torch.Tensor, frames: int, side: int, n_keep: int, n_keep_modality=None):
+    """A ScoreContext over one clip of ``frames`` x ``side``^2 video tokens (B, V, D) and nothing else."""
+    from schedsearch.runtime.scorers.base import ScoreContext
+
+    bsz, v, _ = states.shape
+    assert v == frames * side * side
+    t = torch.arange(frames).repeat_interleave(side * side)
+    cell = torch.arange(side * side).repeat(frames)
+    coords = torch.stack([t.float(), (cell // side + 0.5).float() / side, (cell % side + 0.5).float() / side], -1)
+    time = torch.stack([torch.zeros_like(t), t], -1)
+    idx = torch.arange(v).expand(bsz, v)
+    return ScoreContext(layer=None, layer_idx=0, hidden_states=states, cos=None, sin=None,
+                        key_valid=torch.ones(bsz, v, dtype=torch.bool), visual_local=idx, visual_orig=idx,
+                        text_mask=torch.zeros(bsz, v, dtype=torch.bool), n_keep=n_keep, head_dim=4, num_heads=1,
+                        num_kv_heads=1, coords=coords.expand(bsz, v, 3), time=time.expand(bsz, v, 2),
+                        modality=torch.full((bsz, v), 2), n_keep_modality=n_keep_modality)
+
+
+def test_evs_is_the_reference_dissimilarity():
+    from schedsearch.runtime.scorers import build_scorer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3 * 4, 8, generator=g)
+    x[0, 4:8] = x[0, 0:4] + 0.01 * torch.randn(4, 8, generator=g)  # frame 1 ~ frame 0 ...
+    x[0, 5] = torch.randn(8, generator=g)  # ... except cell 1, which changed
+    s = build_scorer("evs")(_vctx(x, 3, 2, 6))
+    assert (s[0, :4] == 255).all()  # the first frame is kept first, as the reference does
+    ref = 1 - torch.nn.functional.cosine_similarity(x[0, 4:], x[0, :-4], dim=-1)  # vs the same cell a frame earlier
+    torch.testing.assert_close(s[0, 4:], ref.clamp(min=0))
+    assert int(s[0, 4:8].argmax()) == 1  # the changed cell outranks the static ones of its frame
+
+
+def test_holitom_segments_and_merges_static_cells_over_time():
+    from schedsearch.runtime.scorers import build_scorer
+    from schedsearch.runtime.scorers.holitom import segment
+
+    # 4 frames, 2 positions: position 0 static across frames 0-2, frame 3 different everywhere
+    static = torch.tensor([[True, False], [True, False], [False, False]])
+    assert segment(static, 8) == [(0, 2), (3, 3)]
+    assert segment(static, 2) == [(0, 1), (2, 2), (3, 3)]  # windows capped at 2 frames
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 8, generator=g)
+    x = torch.randn(1, 4 * 4, 8, generator=g)
+    for f in range(3):  # cell 0 nearly constant over frames 0..2
+        x[0, f * 4] = base[0] + 0.01 * f
+    sc = build_scorer("holitom", {"tau": 0.9})
+    ctx = _vctx(x, 4, 2, 10)
+    s = sc(ctx)
+    assert s[0, 0] >= 1 and s[0, 4] < 0.2 and s[0, 8] < 0.2  # head of the static window first, members last
+    order = torch.argsort(s, descending=True, stable=True)[:, :10]
+    keep = torch.zeros(1, 16, dtype=torch.bool).scatter_(1, order, True)
+    assert not keep[0, 4] and not keep[0, 8] and keep[0, 0]
+    merged = sc.merge(ctx, keep, s)
+    torch.testing.assert_close(merged[0, 0], x[0, [0, 4, 8]].mean(0))  # the static position's window mean
+
+
+def test_vidcom2_gives_distinct_frames_more_tokens():
+    from schedsearch.runtime.scorers import build_scorer
+
+    g = torch.Generator().manual_seed(2)
+    same = torch.randn(9, 16, generator=g)
+    x = torch.cat([same, same + 0.01 * torch.randn(9, 16, generator=g), 3 * torch.randn(9, 16, generator=g),
+                   same])[None]  # frames 0, 1, 3 alike; frame 2 different
+    s = build_scorer("vidcom2")(_vctx(x, 4, 3, 12, {2: 12}))
+    top = torch.argsort(s[0], descending=True, stable=True)[:12]
+    per_frame = torch.bincount(top // 9, minlength=4).tolist()
+    assert sum(per_frame) == 12 and per_frame[2] == max(per_frame) and per_frame[2] > 3, per_frame
+    assert (s[0, top] >= 2).all() and (s[0][s[0] < 2] <= 1).all()  # the quotas are exactly the top 12
+
+
+@pytest.mark.parametrize("scorer", ["evs", "holitom", "vidcom2"])
+@torch.no_grad()
+def test_video_rankings_keep_the_count_and_generate_consistently(vad, scorer):
+    ad = vad
+    n = ad.num_layers
+    sched = schedule_for(ad, [1.0] * n, scorer=scorer, params={}).replace(
+        modality_keep_ratios={"video": [0.5] * (n - 1) + [0.25], "image": [0.75] * n})
+    batch = _batch(ad, "mixed", ("what moves?", "which shape appears first?"))
+    mod = ad.modality_mask(batch["input_ids"])
+    n_img, n_vid = int((mod[0] == 1).sum()), int((mod[0] == 2).sum())
+    ref = ad.model(**batch).logits[:, -1]
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        out = ad.model(**batch).logits[:, -1]
+        for layer, idx in h.kept_indices.items():
+            alive = mod.gather(1, idx)
+            assert (alive == 2).sum(1).tolist() == [kept_counts(sched.modality_keep_ratios["video"], n_vid)[layer]] * 2
+            assert (alive == 1).sum(1).tolist() == [kept_counts(sched.modality_keep_ratios["image"], n_img)[layer]] * 2
+        gen = ad.model.generate(**_batch(ad, "video"), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                suppress_tokens=_suppress(ad), output_logits=True, return_dict_in_generate=True)
+        one = _batch(ad, "video")
+        plen = one["input_ids"].shape[1]
+        full = dict(one)
+        seq = gen.sequences[:, : plen + 2]
+        full.update(input_ids=seq, attention_mask=torch.ones_like(seq),
+                    mm_token_type_ids=torch.cat([one["mm_token_type_ids"], torch.zeros_like(seq[:, plen:])], 1))
+        torch.testing.assert_close(ad.model(**full, use_cache=False).logits[:, -1], gen.logits[2], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref)
+    assert torch.equal(ad.model(**batch).logits[:, -1], ref)

@@ -317,15 +317,22 @@ class _QwenAdapter(VLMAdapter):
 
         input_ids = batch["input_ids"]
         grids = {1: batch.get("image_grid_thw"), 2: batch.get("video_grid_thw")}
-        if grids[1] is None and grids[2] is None and batch.get("_vision_call") is not None:
-            args, kwargs = batch["_vision_call"]
-            grids[1] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         mod = self.modality_mask(input_ids)
+        m = self.merge_size
+        if grids[1] is None and grids[2] is None:  # inside generate(): only the encoder runs saw the grids
+            calls = batch.get("_vision_calls") or ([batch["_vision_call"]] if batch.get("_vision_call") else [])
+            need = {k: int((mod == k).sum()) for k in (1, 2)}
+            for args, kwargs in reversed(calls):  # generate() encodes images first, then videos
+                g = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                n_tok = int((g.prod(-1) // m**2).sum()) if g is not None else -1
+                for k in (2, 1):
+                    if grids[k] is None and need[k] > 0 and n_tok == need[k]:
+                        grids[k] = g
+                        break
         for k, what in ((1, "image_grid_thw"), (2, "video_grid_thw")):
             if bool((mod == k).any()) and grids[k] is None:
                 raise ValueError(f"visual_coords: the batch has no {what} (and no recorded vision call); "
                                  "pass the processor's output")
-        m = self.merge_size
         tables = {1: [], 2: []}
         for k in (1, 2):
             for t, h, w in (grids[k].tolist() if grids[k] is not None else []):

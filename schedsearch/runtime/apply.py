@@ -213,14 +213,18 @@ class ScheduleHandle:
             self._pending = None
             return None
         self._pending = self.adapter.modality_mask(input_ids)
-        vision_call = self._batch.get("_vision_call")
+        vision_call, vision_calls = self._batch.get("_vision_call"), self._batch.get("_vision_calls")
         self._batch = {k: v for k, v in kwargs.items() if v is not None}
         self._batch["input_ids"] = input_ids  # LLaVA-NeXT passes it positionally
         if vision_call is not None:
             self._batch["_vision_call"] = vision_call
+            self._batch["_vision_calls"] = vision_calls
         return None
 
     def _vision_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        # every encoder run for the coming prefill (generate() encodes images, then videos, before it)
+        calls = list(self._batch.get("_vision_calls") or []) if self._vision_fresh else []
+        self._batch["_vision_calls"] = [*calls, (args, kwargs)]
         self._batch["_vision_call"] = (args, kwargs)
         self._vision_fresh = True  # the encoder ran for the coming prefill: its maps are this batch's
         if self._maps is not None:
@@ -437,7 +441,9 @@ class ScheduleHandle:
                            coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
                            rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None,
                            vision=st.vision, alive_orig=cur, n_visual=st.n_visual, time=time,
-                           modality=st.modality.gather(1, cur.gather(1, vis_local)))
+                           modality=st.modality.gather(1, cur.gather(1, vis_local)),
+                           n_keep_modality=None if st.mod_counts is None else
+                           {k: c[l] for k, c in st.mod_counts.items()})
         with torch.no_grad():
             scores = self.scorer(ctx).float()
         keep_vis = _select(scores, n_keep, ctx.modality, None if st.mod_counts is None else

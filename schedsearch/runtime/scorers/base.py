@@ -59,6 +59,9 @@ class ScoreContext:
     time: torch.Tensor | None = None
     #: (B, V) long modality of the alive visual tokens: 1 = image, 2 = video
     modality: torch.Tensor | None = None
+    #: {1: image count, 2: video count} kept at this drop when the schedule prunes modalities on their own
+    #: (``modality_keep_ratios``); None = ``n_keep`` covers all visual tokens together
+    n_keep_modality: dict[int, int] | None = None
     #: scratch space shared by ``__call__`` and ``merge`` of ONE drop (a plan computed once, used twice)
     scratch: dict = field(default_factory=dict)
 
