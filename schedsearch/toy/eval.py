@@ -25,10 +25,12 @@ def normalize(text: str) -> str:
 
 
 def _groups(adapter: Any, samples: Sequence[Any], batch_size: int) -> list[list[int]]:
-    by_count: dict[int, list[int]] = defaultdict(list)
+    from schedsearch.evaluation import prepare_samples
+
+    by_count: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
-        one = adapter.prepare([list(s.images)], [s.prompt])
-        by_count[int(adapter.visual_mask(one["input_ids"]).sum())].append(i)
+        mod = adapter.modality_mask(prepare_samples(adapter, [s])["input_ids"])
+        by_count[(int((mod == 1).sum()), int((mod == 2).sum()))].append(i)
     return [idx[k:k + batch_size] for idx in by_count.values() for k in range(0, len(idx), batch_size)]
 
 
@@ -37,12 +39,13 @@ def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch
     """Greedy answers, one per sample, in order."""
     import torch
 
+    from schedsearch.evaluation import prepare_samples
     from schedsearch.runtime import apply_schedule
 
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     out: list[str] = [""] * len(samples)
     for idx in _groups(adapter, samples, batch_size):
-        batch = adapter.prepare([list(samples[i].images) for i in idx], [samples[i].prompt for i in idx])
+        batch = prepare_samples(adapter, [samples[i] for i in idx])
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():
             if schedule is None:
