@@ -55,7 +55,14 @@ class EvalReport:
 
 def prepare_samples(adapter: Any, chunk: Sequence[Any]) -> Any:
     """``adapter.prepare`` for calibration samples: their images, and their videos when any has one."""
-    videos = [list(s.videos) for s in chunk] if any(getattr(s, "video_paths", ()) for s in chunk) else None
+    with_video = [s for s in chunk if getattr(s, "video_paths", ())]
+    if with_video and not getattr(adapter, "supports_video", False):
+        from schedsearch.errors import VideoError
+
+        s = with_video[0]
+        raise VideoError(f"{s.source}: video {s.video_paths[0]}: the {adapter.family} family takes no video input "
+                         "(video is supported on qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)")
+    videos = [list(s.videos) for s in chunk] if with_video else None
     if videos is None:
         return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk])
     return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk], videos=videos)

@@ -380,3 +380,70 @@ def test_video_rankings_keep_the_count_and_generate_consistently(vad, scorer):
         torch.testing.assert_close(ad.model(**full, use_cache=False).logits[:, -1], gen.logits[2], atol=1e-4, rtol=1e-4)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref)
     assert torch.equal(ad.model(**batch).logits[:, -1], ref)
+
+
+# ------------------------------------------------------------------ command line
+def _video_manifest(tmp_path, n=4, name="manifest.jsonl", **extra):
+    lines = []
+    for i in range(n):
+        _frames_dir(tmp_path, f"clip{i}", [(24, 24)] * 4)
+        lines.append(json.dumps({"video": f"clip{i}", "prompt": f"what moves in clip {i}?", **extra}))
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_optimize_and_evaluate_on_the_toy_video_set(tmp_path, monkeypatch, capsys):
+    """`schedsearch optimize --scorer evs` and `evaluate` on the shipped toy model and toy video calibration set."""
+    from pathlib import Path
+
+    from schedsearch.cli import main
+
+    calib = Path(__file__).resolve().parents[1] / "calibration_data" / "toy_video"
+    monkeypatch.chdir(tmp_path)
+    rc = main(["optimize", "--model", "toy", "--calibration", str(calib), "--budget", "0.3", "--trials", "3",
+               "--scorer", "evs", "--out", "evs.json", "--study", "v"])
+    assert rc == 0, capsys.readouterr().err
+    sched = json.loads((tmp_path / "evs.json").read_text())
+    assert sched["scorer"]["name"] == "evs" and sched["budget"]["achieved"] <= 0.3 + 1e-9
+    capsys.readouterr()
+    rc = main(["evaluate", "evs.json", "--model", "toy", "--calibration", str(calib), "--json", "--no-timing"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["n_samples"] == 16 and rep["n_visual_mean"] == 512 and rep["flops_ratio"] <= 0.3 + 1e-9
+    assert rep["discrepancy"] > 0.0
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty", "zero_frames", "sizes", "no_video_family"])
+def test_bad_video_on_the_command_line_is_one_line(tiny_dir, tmp_path, case):
+    import subprocess
+    import sys
+
+    from schedsearch.models import load_model
+
+    family = "llava" if case == "no_video_family" else "qwen2_5_vl"
+    d = tiny_dir(family)
+    ad = load_model(str(d))
+    sched = tmp_path / "s.json"
+    schedule_for(ad, [0.5] * ad.num_layers, scorer="uniform", params={}).save(sched)
+    manifest = _video_manifest(tmp_path, 2)
+    bad = {"corrupt": tmp_path / "bad.mp4", "empty": tmp_path / "empty.mp4", "zero_frames": tmp_path / "clip0",
+           "sizes": tmp_path / "clip1", "no_video_family": tmp_path / "clip0"}[case]
+    if case == "corrupt":
+        bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    elif case == "empty":
+        bad.write_bytes(b"")
+    elif case == "zero_frames":
+        for f in bad.iterdir():
+            f.unlink()
+    elif case == "sizes":
+        tiny_images(1, size=(30, 24))[0].save(bad / "009.png")
+    if case in ("corrupt", "empty"):
+        manifest.write_text(json.dumps({"video": bad.name, "prompt": "x"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "schedsearch", "evaluate", str(sched), "--model", str(d),
+                           "--calibration", str(manifest), "--no-timing"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(err) == 1, proc.stderr
+    assert err[0].startswith("error:") and str(bad) in err[0] and "Traceback" not in proc.stderr
