@@ -447,3 +447,37 @@ def test_bad_video_on_the_command_line_is_one_line(tiny_dir, tmp_path, case):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(err) == 1, proc.stderr
     assert err[0].startswith("error:") and str(bad) in err[0] and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ the toy video task
+def test_toy_video_questions_need_the_frame_they_say(tmp_path):
+    """appear: the asked object is only in the last frame (yes) or in none (no); vanish: only in the first; count
+    and spatial clips are static. Writing a dataset is byte-identical for a seed."""
+    import hashlib
+
+    from schedsearch.toy.video import FRAMES, VIDEO_QTYPES, sample_clip, write_video_dataset
+
+    seen = set()
+    for i in range(40):
+        frames, q, (before, after) = sample_clip(2, i)
+        seen.add(q["qtype"])
+        assert len(frames) == FRAMES and frames[0].size == frames[-1].size
+        names = lambda s: {f"{o.colour} {o.shape}" for o in s.objects}  # noqa: E731
+        asked = q["prompt"].removeprefix("is there a ").removesuffix(" ?")
+        if q["qtype"] in ("appear", "vanish"):
+            first, last = asked in names(before), asked in names(after)
+            if q["answer"] == "yes":
+                assert (first, last) == ((False, True) if q["qtype"] == "appear" else (True, False)), q
+            else:
+                assert not first and not last, q
+            assert np.asarray(frames[0]).tobytes() != np.asarray(frames[-1]).tobytes()
+        else:
+            assert before is after and np.asarray(frames[0]).tobytes() == np.asarray(frames[-1]).tobytes()
+    assert seen == set(VIDEO_QTYPES)
+
+    def digest(d):
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file())).hexdigest()
+
+    write_video_dataset(tmp_path / "a", 6, seed=3)
+    write_video_dataset(tmp_path / "b", 6, seed=3)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
