@@ -481,3 +481,70 @@ def test_toy_video_questions_need_the_frame_they_say(tmp_path):
     write_video_dataset(tmp_path / "a", 6, seed=3)
     write_video_dataset(tmp_path / "b", 6, seed=3)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_every_scorer_on_a_video_batch_prunes_or_refuses_in_one_line(vad):
+    """As tests/test_scorer_matrix.py, on an image + video batch: each registered ranking keeps the contract's
+    count of visual tokens at every layer or refuses with one line (e.g. vision-map rankings, whose maps are
+    recorded per encoder run, on a batch that runs the encoder twice)."""
+    from schedsearch.errors import SchedsearchError
+    from schedsearch.scorer_specs import SCORERS
+
+    ad = vad
+    batch = _batch(ad, "mixed", ("what moves?", "which shape appears first?"))
+    n_vis = int(ad.visual_mask(batch["input_ids"])[0].sum())
+    n = ad.num_layers
+    ratios = [1.0] + [0.5] * (n - 2) + [0.25]
+    ran, refused = [], {}
+    for name in [s for s in SCORERS if s != "external"]:
+        sched = {"keep_ratios": ratios, "scorer": {"name": name, "params": {}}, "recycling": None}
+        try:
+            with apply_schedule(ad.model, sched, adapter=ad) as h:
+                out = ad.model(**batch).logits[:, -1]
+                kept = {layer: idx for layer, idx in h.kept_indices.items()}
+        except SchedsearchError as err:
+            assert "\n" not in str(err), (name, str(err))
+            refused[name] = str(err)
+            continue
+        assert torch.isfinite(out).all(), name
+        vis = ad.visual_mask(batch["input_ids"])
+        for layer, idx in kept.items():
+            assert vis.gather(1, idx).sum(1).tolist() == [kept_counts(ratios, n_vis)[layer]] * 2, (name, layer)
+        ran.append(name)
+    assert {"uniform", "random", "last_token_attention", "diverse", "evs", "holitom", "vidcom2"} <= set(ran), refused
+
+
+# ------------------------------------------------------------------ schema 1.4: modality_keep_ratios
+def test_modality_keep_ratios_round_trip_and_refusals(tmp_path):
+    from schedsearch.errors import ScheduleError
+    from schedsearch.schedule import Schedule, load_schedule, modality_kept_counts
+
+    class _Ad:
+        family, name_or_path, num_layers = "qwen2_5_vl", "x", 4
+
+        def fingerprint(self):
+            return "f"
+
+    base = schedule_for(_Ad(), [1.0, 0.5, 0.5, 0.25], scorer="uniform", params={})
+    assert "modality_keep_ratios" not in base.to_dict()  # older files are written back unchanged
+    s = base.replace(modality_keep_ratios={"video": [0.5, 0.5, 0.25, 0.1]})
+    s.save(tmp_path / "s.json")
+    back = load_schedule(tmp_path / "s.json")
+    assert back == s and back.to_json() == (tmp_path / "s.json").read_text()
+    assert back.modality_kept_counts(n_image=10, n_video=20) == {"image": [10, 5, 5, 3], "video": [10, 10, 5, 2]}
+    assert base.modality_kept_counts(n_image=10, n_video=20) == [30, 15, 15, 8]  # one ratio for all
+    assert modality_kept_counts([1.0] * 2, {}, {"image": 3, "video": 4}) == [7, 7]
+    for bad, why in [({"audio": [1.0] * 4}, "key='audio' is not known"),
+                     ({"video": [1.0] * 3}, "has 3 entries but keep_ratios has 4"),
+                     ({"video": [0.5, 0.6, 0.5, 0.5]}, "non-increasing"),
+                     ({"video": [1.0, 1.0, 1.0, 1.5]}, "outside [0, 1]"),
+                     ([0.5], "must be a JSON object")]:
+        data = base.to_dict()
+        data["modality_keep_ratios"] = bad
+        (tmp_path / "b.json").write_text(json.dumps(data))
+        with pytest.raises(ScheduleError, match=why.replace("[", r"\[").replace("]", r"\]")) as ei:
+            load_schedule(tmp_path / "b.json")
+        assert "\n" not in str(ei.value)
+    assert isinstance(Schedule.from_dict(base.to_dict()), Schedule)

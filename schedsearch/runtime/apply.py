@@ -212,7 +212,8 @@ class ScheduleHandle:
         if input_ids is None:
             self._pending = None
             return None
-        self._pending = self.adapter.modality_mask(input_ids)
+        modality = getattr(self.adapter, "modality_mask", None)  # adapters without it: every visual token is an image
+        self._pending = modality(input_ids) if modality else self.adapter.visual_mask(input_ids).long()
         vision_call, vision_calls = self._batch.get("_vision_call"), self._batch.get("_vision_calls")
         self._batch = {k: v for k, v in kwargs.items() if v is not None}
         self._batch["input_ids"] = input_ids  # LLaVA-NeXT passes it positionally
