@@ -548,3 +548,24 @@ def test_modality_keep_ratios_round_trip_and_refusals(tmp_path):
             load_schedule(tmp_path / "b.json")
         assert "\n" not in str(ei.value)
     assert isinstance(Schedule.from_dict(base.to_dict()), Schedule)
+
+
+@torch.no_grad()
+def test_qwen2_vl_video_is_pruned_per_modality(tiny_dir):
+    """Qwen2-VL (no second_per_grid_ts): a video batch runs, and a keep-0.5 video schedule keeps the rule's count."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("qwen2_vl"))
+    batch = _batch(ad, "mixed")
+    assert "second_per_grid_ts" not in batch
+    mod = ad.modality_mask(batch["input_ids"])
+    n_vid = int((mod[0] == 2).sum())
+    n = ad.num_layers
+    sched = schedule_for(ad, [1.0] * n, scorer="uniform", params={}).replace(
+        modality_keep_ratios={"video": [0.5] * n})
+    ref = ad.model(**batch).logits[:, -1]
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        out = ad.model(**batch).logits[:, -1]
+        assert int((mod.gather(1, h.kept_indices[0]) == 2).sum()) == kept_counts([0.5], n_vid)[0]
+        assert int((mod.gather(1, h.kept_indices[0]) == 1).sum()) == int((mod[0] == 1).sum())
+    assert not torch.allclose(out, ref)
