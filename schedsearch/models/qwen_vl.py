@@ -413,13 +413,11 @@ def _qwen_qkv(module: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
 
 
 def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
-    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order."""
+    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order; samples with
+    fewer visual tokens than the batch's largest (a ragged batch) are padded with zero rows at the end."""
     import torch
 
     counts = vis_mask.sum(1).tolist()
-    if len(set(counts)) > 1:
-        raise ValueError(f"visual_coords: samples have different numbers of visual tokens {counts}; "
-                         f"batch samples with the same image sizes")
     rows, k = [], 0
     for n in counts:
         parts, got, idx = [], 0, 0
@@ -438,7 +436,8 @@ def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
         rows.append(torch.cat(parts) if parts else torch.zeros(0, 3))
     if k != len(per_image):
         raise ValueError(f"visual_coords: {len(per_image)} images but only {k} used by the batch's visual tokens")
-    return torch.stack(rows).to(vis_mask.device)
+    width = max(counts, default=0)
+    return torch.stack([torch.cat([r, r.new_zeros(width - len(r), 3)]) for r in rows]).to(vis_mask.device)
 
 
 class Qwen25VLAdapter(_QwenAdapter):

@@ -23,9 +23,18 @@ Mechanism (no class is patched; everything is a removable forward pre-hook):
    gets a mask rebuilt for its own cache: its prefill survivors plus all decoded tokens, with
    padding from the 2-D mask.
 
-Limits (raise a clear error rather than compute something wrong): all samples of a batch must
-have the same number of visual tokens; a prefill must start from an empty cache; flex-attention
-block masks are not supported.
+Ragged batches: samples may have different numbers of visual tokens (image sizes, numbers of images).
+Each sample gets its own kept counts (``kept_counts`` on its own visual count). After a drop every sample's
+survivors are right-aligned and a sample with fewer survivors than the longest is filled at the FRONT with
+some of its own dropped tokens ("filler" slots, ``_Forward.slot_ok`` False): they stay in the hidden states
+so the batch stays rectangular, but no real token attends to them (their key columns are masked in every
+layer's mask at prefill and decode, like left padding), scorers never see them (``key_valid``/``text_mask``
+exclude them) and recycling never merges them. A drop scores the samples in groups with the same (visual
+count, alive visual count, kept count), each group a rectangular sub-batch (``ScoreContext.rows``), so every
+scorer sees exactly what it sees for a sample run alone, up to left padding.
+
+Limits (raise a clear error rather than compute something wrong): a prefill must start from an empty cache;
+flex-attention block masks are not supported.
 """
 
 from __future__ import annotations
@@ -76,22 +85,26 @@ class _Forward:
     """State of one prefill and the decode steps that follow it."""
 
     visual: torch.Tensor  # (B, N) bool, original sequence
-    counts: list[int]  # kept visual tokens entering each layer
-    n_visual: int
+    counts: list[list[int]]  # per sample: kept visual tokens entering each layer
+    n_visual: list[int]  # per sample: visual tokens before any drop
     n_prefill: int
     total_len: int
     valid: torch.Tensor | None  # (B, L) bool padding mask (None: no padding)
-    coords: torch.Tensor | None = None  # (B, V, 3), computed at the first drop when recycling
+    coords: torch.Tensor | None = None  # (B, V_max, 3), computed at the first drop when recycling
     vision: dict | None = None  # vision-encoder maps per original visual token (scorers with vision_layers)
-    cur_idx: torch.Tensor | None = None  # (B, n) original positions alive; None = all
+    cur_idx: torch.Tensor | None = None  # (B, n) original positions alive (fillers included); None = all
+    slot_ok: torch.Tensor | None = None  # (B, n) bool: False at filler slots of a ragged batch; None = none
+    alive: list[int] = field(default_factory=list)  # per sample: alive visual tokens
     version: int = 0
     decode: bool = False
     layer_keep: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_ok: dict[int, torch.Tensor | None] = field(default_factory=dict)
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)
 
-    @property
-    def alive_visual(self) -> int:
-        return self.n_visual if self.cur_idx is None else int(self.visual.gather(1, self.cur_idx)[0].sum())
+    def slot_valid(self, cur: torch.Tensor) -> torch.Tensor:
+        """(B, n) bool: the alive slots ``cur`` that are real tokens (not padding, not fillers)."""
+        ok = self.valid.gather(1, cur) if self.valid is not None else torch.ones_like(cur, dtype=torch.bool)
+        return ok if self.slot_ok is None else ok & self.slot_ok
 
 
 class ScheduleHandle:
@@ -268,8 +281,9 @@ class ScheduleHandle:
         n = st.n_prefill
         bsz = st.visual.shape[0]
         cur = st.cur_idx if st.cur_idx is not None else torch.arange(n, device=st.visual.device).expand(bsz, n)
-        valid = st.valid.gather(1, cur) if st.valid is not None else torch.ones_like(cur, dtype=torch.bool)
-        return PrefillView(alive=cur, valid=valid, visual=st.visual.gather(1, cur))
+        visual = st.visual.gather(1, cur)
+        return PrefillView(alive=cur, valid=st.slot_valid(cur),
+                           visual=visual if st.slot_ok is None else visual & st.slot_ok)
 
     def _text_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -288,18 +302,12 @@ class ScheduleHandle:
             if pending is None or pending.shape[1] != seq:
                 return None
             visual = pending
-            per_sample = visual.sum(dim=1)
-            if bool((per_sample != per_sample[0]).any()):
-                raise RuntimeScheduleError(
-                    f"batch samples have different visual-token counts {per_sample.tolist()}: "
-                    "pruning needs equal counts per batch; group samples by image size or run them one at a time"
-                )
-            n_vis = int(per_sample[0])
-            counts = kept_counts(self.ratios, n_vis)
-            if n_vis == 0 or all(c == n_vis for c in counts):
+            n_vis = [int(v) for v in visual.sum(dim=1).tolist()]
+            counts = [kept_counts(self.ratios, v) for v in n_vis]  # each sample by its own count (ragged batches)
+            if all(c == v for v, cs in zip(n_vis, counts, strict=True) for c in cs):
                 return None
             self._fwd = _Forward(visual=visual, counts=counts, n_visual=n_vis, n_prefill=seq, total_len=seq,
-                                 valid=valid)
+                                 valid=valid, alive=list(n_vis))
             if hasattr(self.scorer, "begin"):  # per-prefill state (External's map, observers' accumulators)
                 self.scorer.begin(self._batch_info())
             if self._deepstack is not None and self._deepstack.take(kwargs):  # added at the survivors instead
@@ -321,13 +329,14 @@ class ScheduleHandle:
                 return None
             kwargs["attention_mask"] = self._decode_mask(st, l, kwargs.get("attention_mask"), hs, window, module)
             return args, kwargs
-        if st.counts[l] < st.alive_visual:
+        if any(c[l] < a for c, a in zip(st.counts, st.alive, strict=True)):
             hs = self._drop(st, l, module, hs, kwargs)
         if st.cur_idx is None:
             return None
         st.layer_keep[l] = st.cur_idx
-        self.kept_indices[l] = st.cur_idx
-        kwargs.update(self._gathered(st, kwargs))
+        st.layer_ok[l] = st.slot_ok
+        self.kept_indices[l] = st.cur_idx if st.slot_ok is None else st.cur_idx.masked_fill(~st.slot_ok, -1)
+        kwargs.update(self._gathered(st, kwargs, module, hs.dtype))
         if args:
             args = (hs, *args[1:])
         else:
@@ -335,8 +344,9 @@ class ScheduleHandle:
         return args, kwargs
 
     # ------------------------------------------------------------ prefill
-    def _gathered(self, st: _Forward, kwargs: dict) -> dict:
-        """cos/sin, mask and position ids of the full sequence, gathered to the survivors (memoised)."""
+    def _gathered(self, st: _Forward, kwargs: dict, layer: Any = None, dtype: torch.dtype = torch.float32) -> dict:
+        """cos/sin, mask and position ids of the full sequence, gathered to the survivors (memoised); filler slots
+        of a ragged batch are masked as keys."""
         mask = kwargs.get("attention_mask")
         key = (st.version, id(mask))
         if key in st.gathered:
@@ -362,6 +372,15 @@ class ScheduleHandle:
                 out["attention_mask"] = _gather_seq(m, idx, dim=3)
             else:
                 out["attention_mask"] = _gather_seq(mask.expand(bsz, mask.shape[-1]), idx, dim=1)
+            if st.slot_ok is not None:
+                out["attention_mask"] = masks.mask_keys(out["attention_mask"], st.slot_ok)
+        elif st.slot_ok is not None:  # plain causal (no mask was needed before the drop): fillers need one now
+            allowed = (idx[:, None, None, :] <= idx[:, None, :, None]) & st.slot_ok[:, None, None, :]
+            impl = getattr(getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation", None)
+            if impl is not None and "flash" in str(impl):  # fillers sit at the front, like left padding
+                out["attention_mask"] = st.slot_ok.long()
+            else:
+                out["attention_mask"] = masks.as_mask_like(allowed, None, impl, dtype)
         st.gathered[key] = out
         return out
 
@@ -369,50 +388,88 @@ class ScheduleHandle:
         bsz, n, _ = hs.shape
         cur = st.cur_idx if st.cur_idx is not None else torch.arange(n, device=hs.device).expand(bsz, n)
         is_vis = st.visual.gather(1, cur)
-        vis_local = is_vis.nonzero()[:, 1].view(bsz, -1)
+        if st.slot_ok is not None:
+            is_vis = is_vis & st.slot_ok
         vis_rank = st.visual.long().cumsum(1) - 1  # original visual order of each visual position
-        vis_orig = vis_rank.gather(1, cur.gather(1, vis_local))
-        valid = st.valid.gather(1, cur) if st.valid is not None else torch.ones_like(is_vis)
+        valid = st.slot_valid(cur)
         cos = sin = None
         pe = kwargs.get("position_embeddings")
         if pe is not None:
             cos, sin = (_gather_seq(t.expand(bsz, *t.shape[1:]), cur, dim=1) for t in pe)
-        n_keep = st.counts[l]
-        coords = None
-        if self.grid or getattr(self.scorer, "needs_coords", False):
-            if st.coords is None:
-                try:
-                    st.coords = self.adapter.visual_coords(self._batch_info())
-                except ValueError as err:
-                    what = "recycling" if self.grid else f"scorer {self.scorer.name}"
-                    raise RuntimeScheduleError(f"{what} needs the visual tokens' image positions: {err}") from None
-            coords = st.coords.to(hs.device).gather(1, vis_orig[..., None].expand(-1, -1, 3))
+        if (self.grid or getattr(self.scorer, "needs_coords", False)) and st.coords is None:
+            try:
+                st.coords = self.adapter.visual_coords(self._batch_info())
+            except ValueError as err:
+                what = "recycling" if self.grid else f"scorer {self.scorer.name}"
+                raise RuntimeScheduleError(f"{what} needs the visual tokens' image positions: {err}") from None
         if self._vision_request and st.vision is None:
             st.vision = self._vision_maps()
-        ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=hs, cos=cos, sin=sin, key_valid=valid,
-                           visual_local=vis_local, visual_orig=vis_orig, text_mask=~is_vis & valid, n_keep=n_keep,
-                           head_dim=self.head_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           coords=coords, attention_mask=masks.layer_allowed(kwargs.get("attention_mask"), cur),
-                           rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None,
-                           vision=st.vision, alive_orig=cur, n_visual=st.n_visual)
-        with torch.no_grad():
-            scores = self.scorer(ctx).float()
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
-        keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
-        merge = getattr(self.scorer, "merge", None)
-        if merge is not None:  # the scorer folds pruned tokens into kept ones (kept count unchanged)
+        allowed = masks.layer_allowed(kwargs.get("attention_mask"), cur)
+        keep_seq = ~is_vis if st.slot_ok is None else ~is_vis & st.slot_ok  # old fillers go; padding stays
+        # samples that drop here, grouped so that each group is a rectangular sub-batch for the scorer
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for b in range(bsz):
+            if st.counts[b][l] < st.alive[b]:
+                groups.setdefault((st.n_visual[b], st.alive[b], st.counts[b][l]), []).append(b)
+            else:
+                keep_seq[b] |= is_vis[b]
+        for (n_vis, _, n_keep), members in groups.items():
+            whole = len(members) == bsz
+            rows = None if whole else torch.tensor(members, device=hs.device)
+
+            def sub(t: torch.Tensor | None, rows: torch.Tensor | None = rows) -> torch.Tensor | None:
+                return t if t is None or rows is None else t.index_select(0, rows)
+
+            g_vis, g_cur = sub(is_vis), sub(cur)
+            vis_local = g_vis.nonzero()[:, 1].view(len(members), -1)
+            vis_orig = vis_rank.index_select(0, rows).gather(1, g_cur.gather(1, vis_local)) if rows is not None \
+                else vis_rank.gather(1, cur.gather(1, vis_local))
+            coords = None
+            if st.coords is not None:
+                coords = sub(st.coords.to(hs.device)).gather(1, vis_orig[..., None].expand(-1, -1, 3))
+            vision = st.vision if st.vision is None or rows is None else \
+                {k: v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) else v
+                 for k, v in st.vision.items()}
+            g_hs, g_valid = sub(hs), sub(valid)
+            ctx = ScoreContext(layer=layer, layer_idx=l, hidden_states=g_hs, cos=sub(cos), sin=sub(sin),
+                               key_valid=g_valid, visual_local=vis_local, visual_orig=vis_orig,
+                               text_mask=~g_vis & g_valid, n_keep=n_keep, head_dim=self.head_dim,
+                               num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, coords=coords,
+                               attention_mask=sub(allowed),
+                               rotary=self.adapter.rotary(l) if hasattr(self.adapter, "rotary") else None,
+                               vision=vision, alive_orig=g_cur, n_visual=n_vis, rows=rows)
             with torch.no_grad():
-                merged = merge(ctx, keep_vis, scores)
-            if merged is not None:
-                hs = hs.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged.to(hs.dtype))
-        if self.grid:
-            vis_h = _gather_seq(hs, vis_local, dim=1)
-            merged = merge_into_kept(vis_h, keep_vis, scores, cell_ids(coords, self.grid))
-            hs = hs.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged)
-        keep_seq = ~is_vis
-        keep_seq = keep_seq.scatter(1, vis_local, keep_vis)
-        local = keep_seq.nonzero()[:, 1].view(bsz, -1)
+                scores = self.scorer(ctx).float()
+            order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :n_keep]
+            keep_vis = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+            new_h = g_hs
+            merge = getattr(self.scorer, "merge", None)
+            if merge is not None:  # the scorer folds pruned tokens into kept ones (kept count unchanged)
+                with torch.no_grad():
+                    merged = merge(ctx, keep_vis, scores)
+                if merged is not None:
+                    new_h = new_h.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]),
+                                          merged.to(hs.dtype))
+            if self.grid:
+                vis_h = _gather_seq(new_h, vis_local, dim=1)
+                merged = merge_into_kept(vis_h, keep_vis, scores, cell_ids(coords, self.grid))
+                new_h = new_h.scatter(1, vis_local[..., None].expand(-1, -1, hs.shape[-1]), merged)
+            g_keep = sub(keep_seq).scatter(1, vis_local, keep_vis)
+            if rows is None:
+                hs, keep_seq = new_h, g_keep
+            else:
+                if new_h is not g_hs:
+                    hs = hs.index_copy(0, rows, new_h)
+                keep_seq = keep_seq.index_copy(0, rows, g_keep)
+            for b in members:
+                st.alive[b] = n_keep
+        # survivors right-aligned; a sample with fewer is filled at the front with its own dropped slots
+        lens = keep_seq.sum(dim=1)
+        m = int(lens.max())
+        local = torch.argsort(keep_seq.to(torch.int8), dim=1, stable=True)[:, n - m:]
+        ok = keep_seq.gather(1, local)
         st.cur_idx = cur.gather(1, local)
+        st.slot_ok = None if bool(ok.all()) else ok
         st.version += 1
         return _gather_seq(hs, local, dim=1)
 
@@ -426,9 +483,15 @@ class ScheduleHandle:
         bsz, device = keep.shape[0], keep.device
         total = st.total_len
         keys = torch.cat([keep, torch.arange(st.n_prefill, total, device=device).expand(bsz, -1)], dim=1)
+        ok = st.layer_ok.get(l)
+        if ok is not None:  # filler slots of a ragged batch stay in this layer's cache: never attended
+            ok = torch.cat([ok, torch.ones(bsz, total - st.n_prefill, dtype=torch.bool, device=device)], dim=1)
+            ok = masks.cached_keys(ok, q_len, window)
         keys = masks.cached_keys(keys, q_len, window)
         valid = st.valid.gather(1, keys) if st.valid is not None and st.valid.shape[1] == total else \
             torch.ones_like(keys, dtype=torch.bool)
+        if ok is not None:
+            valid = valid & ok
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise RuntimeScheduleError(f"attention mask of type {type(mask).__name__} is not supported at decode")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:

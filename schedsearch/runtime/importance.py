@@ -42,7 +42,7 @@ def importance_for_batch(maps: list[torch.Tensor], counts: list[int], t: float, 
                          entropies: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Per-image maps -> (B, V) importance, concatenating each sample's images in order.
 
-    ``counts`` is the number of visual tokens per sample (all equal within a runtime batch).
+    ``counts`` is the number of visual tokens per sample; a ragged batch's shorter rows are padded with 0.
     """
     imps = [importance_from_attention(a, t, alpha, None if entropies is None else entropies[i])
             for i, a in enumerate(maps)]
@@ -56,5 +56,6 @@ def importance_for_batch(maps: list[torch.Tensor], counts: list[int], t: float, 
         if got != n:
             raise ValueError(f"vision maps cover {got} tokens but the sample has {n} visual tokens")
         rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    width = max(counts, default=0)
+    return torch.stack([torch.cat([r, r.new_zeros(width - r.numel())]) for r in rows])
 

@@ -1,7 +1,8 @@
 """What every ranking sees and returns: the :class:`ScoreContext` and the :class:`Scorer` protocol.
 
 A scorer is called by the runtime just before decoder layer ``l`` runs, when the schedule says the kept
-visual count falls at ``l``. It receives a :class:`ScoreContext` describing the tokens currently alive and
+visual count falls at ``l``. It receives a :class:`ScoreContext` describing the tokens currently alive (for a
+ragged batch: one call per group of samples with equal counts, ``ScoreContext.rows``) and
 returns non-negative scores, one per alive visual token; the runtime keeps the ``n_keep`` highest (stable
 ties: earlier token wins) and the scores double as recycling weights.
 
@@ -54,6 +55,10 @@ class ScoreContext:
     alive_orig: torch.Tensor | None = None
     #: number of visual tokens per sample before any drop of this prefill
     n_visual: int | None = None
+    #: (B,) indices of these samples in the whole batch, when the runtime scores a ragged batch in rectangular
+    #: sub-batches (samples grouped by visual count, alive visual count and n_keep); None = the whole batch.
+    #: Per-prefill state a scorer keeps for the whole batch is read through :func:`batch_rows`.
+    rows: torch.Tensor | None = None
     #: scratch space shared by ``__call__`` and ``merge`` of ONE drop (a plan computed once, used twice)
     scratch: dict = field(default_factory=dict)
 
@@ -90,6 +95,11 @@ class PrefillView:
     alive: torch.Tensor  # (B, n) original sequence positions of the tokens this layer runs on
     valid: torch.Tensor  # (B, n) bool: not padding
     visual: torch.Tensor  # (B, n) bool: visual tokens
+
+
+def batch_rows(ctx: ScoreContext, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B_whole, ...) -- state a scorer or observer kept for the whole batch -- at the samples of ``ctx``."""
+    return t if ctx.rows is None else t.index_select(0, ctx.rows.to(t.device))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
