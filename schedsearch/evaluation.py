@@ -10,8 +10,8 @@
 * prefill time: mean wall time of a full forward (vision encoder + decoder, ``use_cache=False``) with and
   without the schedule, timed by ``torch.utils.benchmark.Timer`` (warm-up, accelerator synchronization).
 
-Samples are batched only with samples that have the same number of visual tokens (the runtime's
-requirement), left-padded by the adapter's processor.
+Samples are batched in order, whatever their image sizes and numbers of images (the runtime prunes ragged
+batches, each sample as if alone), left-padded by the adapter's processor.
 """
 
 from __future__ import annotations
@@ -54,17 +54,13 @@ class EvalReport:
 
 
 def make_batches(adapter: Any, samples: Sequence[Any], batch_size: int = 8) -> list[Any]:
-    """Left-padded batches of samples that share a visual-token count (order kept within a group)."""
-    groups: dict[int, list[Any]] = {}
-    for s in samples:
-        one = adapter.prepare([list(s.images)], [s.prompt])
-        n_vis = int(adapter.visual_mask(one["input_ids"]).sum())
-        groups.setdefault(n_vis, []).append(s)
+    """Left-padded batches of ``batch_size`` consecutive samples, in order. Samples of one batch may have different
+    numbers of visual tokens (a ragged batch: the runtime gives each sample what it gives it alone)."""
+    batch_size = max(1, int(batch_size))
     batches = []
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batches.append(adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk]))
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batches.append(adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk]))
     return batches
 
 

@@ -159,3 +159,110 @@ def test_diverse_in_generate_is_refused_or_runs(family_adapter):
     with torch.no_grad(), apply_schedule(ad.model, _sched(ad.num_layers, "diverse"), adapter=ad), \
             pytest.raises(RuntimeScheduleError, match="diverse"):
         ad.model.generate(**ad.prepare(_images(), PROMPTS), max_new_tokens=1)
+
+
+def _samples(tmp_path, n: int = 5):
+    """Calibration samples of mixed image sizes and numbers of images."""
+    from schedsearch.calibration import Sample
+
+    sizes = [(160, 96), (96, 160), (112, 112), (128, 96), (96, 96)]
+    out = []
+    for i in range(n):
+        paths = []
+        for j in range(1 + (i % 2)):
+            p = tmp_path / f"{i}_{j}.png"
+            tiny_images(1, size=sizes[(i + j) % len(sizes)], seed=10 + i + j)[0].save(p)
+            paths.append(p)
+        out.append(Sample(prompt=PROMPTS[i % len(PROMPTS)], image_paths=tuple(paths)))
+    return out
+
+
+@torch.no_grad()
+def test_make_batches_mixes_sizes_and_states_equal_alone(tiny_dir, tmp_path):
+    """make_batches keeps order and mixes visual counts; pruned last-token states of the mixed batches equal those
+    of batches of one (what evaluate/optimize compute the discrepancy from)."""
+    from schedsearch.evaluation import last_token_states, make_batches
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("llava_next"))
+    samples = _samples(tmp_path)
+    mixed = make_batches(ad, samples, 4)
+    assert [b["input_ids"].shape[0] for b in mixed] == [4, 1]
+    assert len(set(ad.visual_mask(mixed[0]["input_ids"]).sum(1).tolist())) > 1  # really ragged
+    sched = _sched(ad.num_layers, "text_attention")
+    got = last_token_states(ad, mixed, sched)
+    want = last_token_states(ad, make_batches(ad, samples, 1), sched)
+    # model(**batch) counts a padded sample's positions from its first pad: attention sees relative positions
+    # only, so the states (and text_attention's ranking) are those alone up to float rounding
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_runtime_counts_match_the_flops_accounting(tiny_dir):
+    """Each sample of a ragged batch runs every layer on exactly the tokens flops.layer_tokens counts for it
+    (its own kept_counts; padding and filler slots not counted), so budgets over a mixed calibration set are
+    per-sample sums as before."""
+    from schedsearch.flops import DecoderShape, _layer_tokens
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("llava_next"))
+    batch = ad.prepare(_images(), PROMPTS)
+    vis = ad.visual_mask(batch["input_ids"])
+    real = batch["attention_mask"].bool()
+    ratios = [1.0, 0.6, 0.3, 0.1]
+    with apply_schedule(ad.model, _sched(ad.num_layers, "uniform", ratios=ratios), adapter=ad) as handle:
+        ad.model(**batch)
+        for i in range(vis.shape[0]):
+            n_vis = int(vis[i].sum())
+            want = _layer_tokens(DecoderShape.from_config(ad.text_config), int(real[i].sum()) - n_vis, n_vis, ratios)
+            for layer, idx in handle.kept_indices.items():
+                alive = idx[i][idx[i] >= 0]
+                assert int(real[i][alive].sum()) == want[layer], (i, layer)
+
+
+@torch.no_grad()
+def test_serving_batches_mixed_requests(tiny_dir):
+    """The serving endpoint's generate() batches records of different sizes, image counts and text-only ones;
+    each gets the text it gets alone."""
+    from schedsearch.models import load_model
+    from schedsearch.serving import encode_image, generate
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    imgs = _images()
+    records = [{"prompt": p, "images": [encode_image(im) for im in ims]} for p, ims in zip(PROMPTS, imgs, strict=True)]
+    records.insert(1, {"prompt": "what is it ?"})  # no image
+    sched = _sched(ad.num_layers, "last_token_attention")
+    together = generate(ad, sched, records, max_new_tokens=4, batch_size=8)
+    alone = [generate(ad, sched, [r], max_new_tokens=4, batch_size=1)[0] for r in records]
+    assert together == alone and len(together) == 4
+
+
+@torch.no_grad()
+def test_external_importance_ragged(tiny_dir):
+    """external: the caller's map is (B, V_max) for a ragged batch, shorter rows padded; each sample ranks by its
+    own row, as alone. A map narrower than a sample's visual count is one line."""
+    from schedsearch.models import load_model
+
+    ad = load_model(tiny_dir("llava_next"))
+    imgs = _images()
+    batch = ad.prepare(imgs, PROMPTS)
+    counts = ad.visual_mask(batch["input_ids"]).sum(1).tolist()
+
+    def imp(n_rows: int, width: int) -> torch.Tensor:
+        j = torch.arange(width, dtype=torch.float32)
+        return (torch.sin(j * 0.37 + 1.0) + 1.0).expand(n_rows, width).clone()
+
+    sched = _sched(ad.num_layers, "external")
+    with apply_schedule(ad.model, sched, adapter=ad, importance=imp(3, max(counts))) as handle:
+        ad.model(**batch)
+        kept = {layer: idx.clone() for layer, idx in handle.kept_indices.items()}
+    for i, p in enumerate(PROMPTS):
+        one = ad.prepare([imgs[i]], [p])
+        with apply_schedule(ad.model, sched, adapter=ad, importance=imp(1, counts[i])) as handle:
+            ad.model(**one)
+            assert _kept_visual(ad, batch["input_ids"], kept, i) == _kept_visual(ad, one["input_ids"],
+                                                                                handle.kept_indices, 0)
+    with apply_schedule(ad.model, sched, adapter=ad, importance=imp(3, min(counts))), \
+            pytest.raises(SchedsearchError, match="columns") as err:
+        ad.model(**batch)
+    assert "\n" not in str(err.value)
