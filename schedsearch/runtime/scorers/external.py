@@ -1,7 +1,8 @@
 """``external``: scores supplied from outside, per ORIGINAL visual token.
 
-``importance`` is a (B, V_orig) tensor (a ragged batch: V_orig = the largest sample's count, other rows padded), or a callable ``f(batch_kwargs) -> (B, V_orig)`` that the runtime
-calls once per prefill with the base model's forward kwargs (pixel_values, grids, ...). With
+``importance`` is a (B, V_orig) tensor (a ragged batch: V_orig = the largest sample's count, other rows padded
+at the end), or a callable ``f(batch_kwargs) -> (B, V_orig)`` that the runtime calls once per prefill with the
+base model's forward kwargs (pixel_values, grids, ...). With
 ``params.source = "vision_attention"`` the runtime itself supplies VFlowOpt's map from the vision tower
 (runtime/importance.py; ``t`` and ``alpha`` are its parameters).
 """
