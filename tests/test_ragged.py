@@ -266,3 +266,36 @@ def test_external_importance_ragged(tiny_dir):
             pytest.raises(SchedsearchError, match="columns") as err:
         ad.model(**batch)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@torch.no_grad()
+def test_ragged_without_padding_builds_a_mask(tiny_dir, impl):
+    """Different visual counts but equal lengths (no padding): SDPA then runs its layers with no mask at all
+    (is_causal); after a drop the filler slots need one, which the runtime builds (causal on original positions)."""
+    from schedsearch.models import load_model
+    from schedsearch.testing.tiny import attention_implementation
+
+    ad = load_model(tiny_dir("qwen2_5_vl"))
+    wide, square = tiny_images(1, size=(160, 96), seed=1)[0], tiny_images(1, seed=3)[0]
+    imgs = [[wide], [square, wide]]
+    for k in range(40):  # lengthen the one-image prompt until both samples are equally long
+        prompts = [" ".join(["red"] * k + ["what is it ?"]), "what is it ?"]
+        batch = ad.prepare(imgs, prompts)
+        if bool(batch["attention_mask"].all()):
+            break
+    counts = ad.visual_mask(batch["input_ids"]).sum(1).tolist()
+    assert bool(batch["attention_mask"].all()) and counts[0] != counts[1], counts
+    with attention_implementation(ad.model, impl), apply_schedule(
+            ad.model, _sched(ad.num_layers, "text_attention"), adapter=ad):
+        seen = []
+        hook = ad.decoder_layers[ad.num_layers - 1].register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+        try:
+            logits = ad.model(**batch).logits[:, -1]
+        finally:
+            hook.remove()
+        assert seen[0] is not None  # fillers exist, so the last layer has a mask
+        for i in range(2):
+            alone = ad.model(**ad.prepare([imgs[i]], [prompts[i]])).logits[0, -1]
+            torch.testing.assert_close(alone, logits[i], atol=1e-4, rtol=1e-4)
