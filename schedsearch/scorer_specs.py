@@ -223,6 +223,15 @@ SCORERS: dict[str, ScorerSpec] = {
                              {"name": "uniform", "params": {}, "weight": 1.0})),
          "mode": Choice("union", ("union", "rank"))}, since="1.3",
         summary="several criteria at once: union of per-criterion top-k shares, or a weighted rank ensemble"),
+    "fastv": ScorerSpec(
+        "schedsearch.runtime.scorers.fastv:FastV", {"rope": Bool(True)}, since="1.3",
+        summary="FastV's rule: the last token's attention returned by the layer before the drop"),
+    "divprune": ScorerSpec(
+        "schedsearch.runtime.scorers.divprune:DivPrune", since="1.3",
+        summary="DivPrune's rule: greedy max-min cosine diversity from the token whose nearest neighbour is farthest"),
+    "feather": ScorerSpec(
+        "schedsearch.runtime.scorers.feather:Feather", {"stride": Int(3, 0, 64), "rope": Bool(False)}, since="1.3",
+        summary="FEATHER's rule: a stride grid united with RoPE-free last-token attention of the layer before"),
 }
 
 
