@@ -232,6 +232,11 @@ SCORERS: dict[str, ScorerSpec] = {
     "feather": ScorerSpec(
         "schedsearch.runtime.scorers.feather:Feather", {"stride": Int(3, 0, 64), "rope": Bool(False)}, since="1.3",
         summary="FEATHER's rule: a stride grid united with RoPE-free last-token attention of the layer before"),
+    "vflow": ScorerSpec(
+        "schedsearch.runtime.scorers.vflow:VFlow",
+        {"t": Float(1.0, low=0.0, high=1e3), "alpha": Float(0.0, low=-1e3, high=1e3), "cell": Int(3, 0, 64)},
+        since="1.3", summary="VFlowOpt: vision-attention importance; at the first drop each cell's pruned tokens "
+        "merge into their most important one, which is kept"),
 }
 
 
