@@ -34,6 +34,10 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "hired": ({}, True, True),
     # schema 1.3: composites and the references' own rules
     "composite": ({}, False, False),
+    "fastv": ({}, False, False),
+    "fastv/norope": ({"rope": False}, False, False),
+    "divprune": ({}, True, False),
+    "feather": ({}, False, True),
     "composite/rank": ({"mode": "rank", "members": [{"name": "diverse", "params": {"spatial": 4.0}},
                                                     {"name": "text_attention", "weight": 2.0}]}, False, True),
 }
