@@ -125,17 +125,7 @@ def test_feather_keeps_grid_union_attention_then_attention_only(toy, samples):
 
 
 # ------------------------------------------------------------------------------------------- VFlowOpt
-def vflow_reference(imp: torch.Tensor, cells: torch.Tensor, keep: float, m_count: int) -> torch.Tensor:
-    """VFlowOpt's vision-stage rule (llava_qwen_training_free.py, "token merging"), paraphrased: prune the
-    round(V (1 - r)) + int(V / m^2) least important tokens; in each cell the most important pruned token is kept."""
-    v = imp.shape[0]
-    low = torch.sort(imp).indices[: round(v * (1 - keep)) + int(v / m_count**2)]
-    kept = torch.ones(v, dtype=torch.bool)
-    kept[low] = False
-    for c in torch.unique(cells[low]):
-        group = low[cells[low] == c]
-        kept[group[imp[group].argmax()]] = True
-    return kept
+vflow_reference = peers.vflow_reference
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -73,13 +73,26 @@ def token_cells(adapter: Any, batch: dict) -> torch.Tensor:
     return out
 
 
+def _position_ids(adapter: Any, batch: dict) -> torch.Tensor:
+    """(3, 1, n) Qwen-VL mRoPE position ids of the sample (the model's own ``get_rope_index``)."""
+    base = adapter.model.model
+    pos, _ = base.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                 image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch.get("attention_mask"))
+    return pos
+
+
 @torch.no_grad()
-def reference_run(adapter: Any, batch: dict, rules: dict[int, Callable[[RuleInput], torch.Tensor]]) -> RefRun:
+def reference_run(adapter: Any, batch: dict, rules: dict[int, Callable[[RuleInput], torch.Tensor]],
+                  positions: str = "original") -> RefRun:
     """Run the decoder layer by layer; before layer l in ``rules`` keep the visual tokens the rule returns
-    (indices into the alive visual tokens). Survivors keep their original rotary positions."""
+    (indices into the alive visual tokens). ``positions="original"``: survivors keep their rotary positions (the
+    runtime's convention); ``"renumber"`` (Qwen-VL only): after each drop every survivor's position ids are lowered by
+    the number of tokens dropped before it -- PyramidDrop's update (``modeling_llama_pdrop.py``), which for LLaVA's
+    1-D positions is the renumbering 0..n-1 its prefill does."""
     if batch["input_ids"].shape[0] != 1:
         raise ValueError("reference_run takes one sample")
     h, (cos, sin) = _capture(adapter, batch)
+    pos = _position_ids(adapter, batch) if positions == "renumber" else None
     visual = adapter.visual_mask(batch["input_ids"])[0]
     n_visual = int(visual.sum())
     cells_all = token_cells(adapter, batch) if any(getattr(r, "needs_cells", False) for r in rules.values()) else None
@@ -89,7 +102,7 @@ def reference_run(adapter: Any, batch: dict, rules: dict[int, Callable[[RuleInpu
     prev = None
     first = True
     for l, layer in enumerate(layers):
-        pe = (cos[:, alive], sin[:, alive])
+        pe = (cos[:, alive], sin[:, alive]) if pos is None else adapter.text_model.rotary_emb(h, pos)
         mask = causal_mask(len(alive), h.dtype)
         if l in rules:
             is_vis = visual[alive]
@@ -104,7 +117,12 @@ def reference_run(adapter: Any, batch: dict, rules: dict[int, Callable[[RuleInpu
             alive = alive[keep_seq]
             run.kept[l] = sorted(vis_orig[keep].tolist())
             first = False
-            pe = (cos[:, alive], sin[:, alive])
+            if pos is not None:  # lower each survivor's ids by the tokens dropped before it
+                dropped_before = (~keep_seq).long().cumsum(0)[keep_seq]
+                pos = pos[:, :, keep_seq] - dropped_before
+                pe = adapter.text_model.rotary_emb(h, pos)
+            else:
+                pe = (cos[:, alive], sin[:, alive])
             mask = causal_mask(len(alive), h.dtype)
         prev = (h, pe, mask)
         out = layer(h, attention_mask=mask, position_embeddings=pe)
@@ -209,3 +227,39 @@ def feather_rule(n_att: int, stride: int = 3) -> Callable[[RuleInput], torch.Ten
 def overlap(ours: list[int], ref: list[int]) -> float:
     """|ours & ref| / |ref| (1.0 when both are empty)."""
     return len(set(ours) & set(ref)) / len(ref) if ref else float(not ours)
+
+
+def vflow_reference(imp: torch.Tensor, cells: torch.Tensor, keep: float, m: int) -> torch.Tensor:
+    """VFlowOpt's vision-stage rule (sihany077/VFlowOpt ``llava_qwen_training_free.py``, "token merging"),
+    paraphrased: (V,) importance, (V,) cell ids of m x m-token cells -> (V,) bool kept. The round(V (1 - keep)) +
+    int(V / m^2) least important tokens fall out; in each cell the most important of them is kept again."""
+    v = imp.shape[0]
+    low = torch.sort(imp).indices[: round(v * (1 - keep)) + int(v / m**2)]
+    kept = torch.ones(v, dtype=torch.bool)
+    kept[low] = False
+    for c in torch.unique(cells[low]):
+        group = low[cells[low] == c]
+        kept[group[imp[group].argmax()]] = True
+    return kept
+
+
+@torch.no_grad()
+def runtime_kept(adapter: Any, batch: dict, ratios: list[float], scorer: dict, importance: Any = None,
+                 recycling: dict | None = None) -> dict[int, list[int]]:
+    """The runtime's kept sets: drop layer -> sorted original visual indices alive there (one sample)."""
+    from schedsearch.runtime import apply_schedule
+
+    vis = adapter.visual_mask(batch["input_ids"])[0]
+    order = vis.long().cumsum(0) - 1
+    sched = {"keep_ratios": list(ratios), "scorer": scorer, "recycling": recycling}
+    out: dict[int, list[int]] = {}
+    with apply_schedule(adapter.model, sched, adapter=adapter, importance=importance) as h:
+        adapter.model(**batch)
+        prev = None
+        for l in sorted(h.kept_indices):
+            idx = h.kept_indices[l][0]
+            kept = sorted(order[idx[vis[idx]]].tolist())
+            if kept != prev:
+                out[l] = kept
+            prev = kept
+    return out
