@@ -94,5 +94,13 @@ class VFlowOurs:
         return Candidate(ratios, {"r_v": r_v}, scorer, recycling)
 
 
-__all__ = ["VFlow", "VFlowOurs", "vflow_stage_layers", "stage_ratios", "solve_stages", "importance_from_attention", "importance_for_batch",
-           "patch_entropy"]
+__all__ = [
+    "VFlow",
+    "VFlowOurs",
+    "vflow_stage_layers",
+    "stage_ratios",
+    "solve_stages",
+    "importance_from_attention",
+    "importance_for_batch",
+    "patch_entropy",
+]
