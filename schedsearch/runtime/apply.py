@@ -118,13 +118,13 @@ class ScheduleHandle:
         params = dict(_field(scorer, "params", {}) or {})
         self.scorer = build_scorer(_field(scorer, "name", "last_token_attention"), params, importance)
         self._maps: list | None = None  # vision-attention maps recorded during the vision tower's run
-        if isinstance(self.scorer, External) and importance is None and params.get("source") == "vision_attention":
+        if isinstance(self.scorer, External) and importance is None and self.scorer.source == "vision_attention":
             if not hasattr(adapter, "vision_attention_hook"):
                 raise ScheduleError(f"scorer external/vision_attention is not available for the {adapter.family} "
                                     "family: pass apply_schedule(..., importance=...)")
             self._maps = []
             self.scorer.importance = self._vision_importance
-            self._map_params = (float(params.get("t", 1.0)), float(params.get("alpha", 0.0)))
+            self._map_params = (float(self.scorer.t), float(self.scorer.alpha))
         self._vision_request: dict | None = None  # layer -> kinds the scorer reads from the vision encoder
         self._vision_store: list = []  # the adapter's record of the last vision-encoder run
         self._vision_fresh = False  # whether the encoder ran since the last prefill

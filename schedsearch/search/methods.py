@@ -97,9 +97,7 @@ METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCo
 
 
 def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:
-    """A budget-matched fixed baseline (fastv, pdrop, uniform) as a Candidate."""
+    """A budget-matched fixed baseline (fastv, pdrop, divprune, feather, uniform, ...) as a Candidate."""
     ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target)
-    scorer = BASELINE_SCORERS.get(name) or (
-        {"name": "last_token_attention", "params": {"rope": True}} if name in ("fastv", "pdrop") else
-        {"name": "uniform", "params": {}})
+    scorer = BASELINE_SCORERS.get(name) or {"name": "uniform", "params": {}}
     return Candidate(ratios, params, scorer)

@@ -118,6 +118,14 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
 
     query_local: (B, Q) positions. Returns (B, Q, n) in float32. Causal: a query never attends to later keys.
     """
+    logits = attention_logits(ctx, query_local, use_rope)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs.mean(dim=1)  # (B, Q, n)
+
+
+def attention_logits(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool) -> torch.Tensor:
+    """(B, H, Q, n) float32 scaled attention logits of the given queries over the alive keys, -inf where the layer's
+    mask forbids the pair (causal, padding, windows): the rows :func:`attention_rows` takes the softmax of."""
     layer = ctx.layer
     attn = layer.self_attn
     h = layer.input_layernorm(ctx.hidden_states)
@@ -144,9 +152,7 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
         allowed = ctx.key_valid[:, None, None, :] & rows[:, None]
     else:
         allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs.mean(dim=1)  # (B, Q, n)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def layer_keys(ctx: ScoreContext, use_rope: bool = True, normed: torch.Tensor | None = None) -> torch.Tensor:
