@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from schedsearch.runtime.scorers.base import ScoreContext
+from schedsearch.runtime.scorers.base import ScoreContext, batch_rows
 from schedsearch.runtime.scorers.external import External
 from schedsearch.runtime.scorers.feather import grid_cells
 
@@ -76,7 +76,7 @@ class VFlow(External):
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         super().__call__(ctx)  # the checks (a map, the right batch)
-        raw = self.current.to(ctx.visual_orig.device).gather(1, ctx.visual_orig).float()
+        raw = batch_rows(ctx, self.current.to(ctx.visual_orig.device)).gather(1, ctx.visual_orig).float()
         # alpha < 0 can make the map negative: shift it (order kept) instead of clamping, as scores are >= 0
         imp = raw - raw.min(dim=1, keepdim=True).values.clamp_max(0.0)
         first = ctx.n_visual is None or ctx.visual_local.shape[1] == ctx.n_visual
