@@ -124,6 +124,28 @@ def test_feather_keeps_grid_union_attention_then_attention_only(toy, samples):
         assert got[k1] == ref[k1] and got[k2] == ref[k2]
 
 
+@pytest.mark.parametrize("k", [0.05, 0.3])
+def test_feather_baseline_counts_follow_the_models_own_grid(toy, samples, k):
+    """The ``feather`` baseline's stage-1 count is the union |top-int(kV) U grid[::3, ::3]| the reference keeps. The
+    grid's share is measured on the images (36/256 on the toy's 16 x 16 grid, not LLaVA's 1/9): with 1/9 the toy
+    kept 40 tokens where FEATHER's code keeps ~47 at k = 0.05, so 15% of the reference's set was missing."""
+    from schedsearch.search.fixed import feather_grid_share, feather_ratios, image_grids
+
+    grids = image_grids(toy, samples)
+    assert grids == [(16, 16)] * len(samples)
+    g = feather_grid_share(grids)
+    assert g == pytest.approx(36 / 256)
+    n = toy.num_layers
+    k1 = n // 4
+    ratios = feather_ratios(n, k, grid_share=g)
+    for batch in samples:
+        v = n_vis(toy, batch)
+        ref = peers.reference_run(toy, batch, {k1: peers.feather_rule(int(v * k))}).kept[k1]
+        got = ours(toy, batch, ratios, {"name": "feather", "params": {"stride": 3}})[k1]
+        assert abs(len(got) - len(ref)) <= max(2, round(0.03 * len(ref)))
+        assert peers.overlap(got, ref) >= 0.95
+
+
 # ------------------------------------------------------------------------------------------- VFlowOpt
 vflow_reference = peers.vflow_reference
 
