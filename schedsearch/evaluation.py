@@ -10,8 +10,8 @@
 * prefill time: mean wall time of a full forward (vision encoder + decoder, ``use_cache=False``) with and
   without the schedule, timed by ``torch.utils.benchmark.Timer`` (warm-up, accelerator synchronization).
 
-Samples are batched only with samples that have the same number of visual tokens (the runtime's
-requirement), left-padded by the adapter's processor.
+Samples are batched in order, whatever their image sizes and numbers of images (the runtime prunes ragged
+batches, each sample as if alone), left-padded by the adapter's processor.
 """
 
 from __future__ import annotations
@@ -69,16 +69,13 @@ def prepare_samples(adapter: Any, chunk: Sequence[Any]) -> Any:
 
 
 def make_batches(adapter: Any, samples: Sequence[Any], batch_size: int = 8) -> list[Any]:
-    """Left-padded batches of samples that share their visual-token counts, per modality (order kept in a group)."""
-    groups: dict[tuple[int, ...], list[Any]] = {}
-    for s in samples:
-        one = prepare_samples(adapter, [s])
-        mod = adapter.modality_mask(one["input_ids"])
-        groups.setdefault((int((mod == 1).sum()), int((mod == 2).sum())), []).append(s)
+    """Left-padded batches of ``batch_size`` consecutive samples, in order. Samples of one batch may have different
+    numbers of visual tokens (a ragged batch: the runtime gives each sample what it gives it alone)."""
+    batch_size = max(1, int(batch_size))
     batches = []
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            batches.append(prepare_samples(adapter, group[i : i + batch_size]))
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batches.append(prepare_samples(adapter, chunk))
     return batches
 
 

@@ -56,8 +56,10 @@ __all__ = [
     "make_provenance",
 ]
 
-SCHEMA_VERSION = "1.4"  # 1.4 (2026-12): per-modality keep ratios + temporal rankings (issue 17; 1.3 is another
-# branch's new scorer names, reconciled at merge); 1.2 (2026-12): the field's rankings (issue 13); 1.1: "diverse"
+# 1.4 (2026-12): per-modality keep ratios + temporal rankings (issue 17); 1.3: composite + the references'
+# own rules (fastv, divprune, feather, vflow); 1.2 (2026-12): the field's rankings (issue 13); 1.1 (2026-11):
+# "diverse"; 1.0: first
+SCHEMA_VERSION = "1.4"
 MODALITIES = ("image", "video")  # keys of modality_keep_ratios (since 1.4)
 _MAJOR = 1
 SCORER_NAMES = scorer_names()  # the registry in scorer_specs.py (one row per ranking)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Bool", "Choice", "Float", "Int", "ParamError", "ScorerSpec", "SCORERS", "scorer_names",
+__all__ = ["Bool", "Choice", "Float", "Int", "Members", "ParamError", "ScorerSpec", "SCORERS", "scorer_names",
            "resolve_params"]
 
 
@@ -94,6 +94,49 @@ class Choice:
 
     def describe(self) -> str:
         return f"one of {', '.join(self.values)}, default {self.default}"
+
+
+@dataclass(frozen=True)
+class Members:
+    """A composite's criteria: a list of ``{"name": scorer, "params": {...}, "weight": w > 0}`` (params and weight
+    optional; weight default 1). Each member's params are checked against its own row; a composite cannot contain
+    another composite, nor ``external`` (whose map comes from the caller)."""
+
+    default: tuple = ()
+    max_members: int = 8
+
+    def check(self, value: Any, where: str) -> list[dict]:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ParamError(f"{where}={_show(value)} is not a list of criteria: write a non-empty list of "
+                             '{"name": ..., "params": {...}, "weight": ...} objects')
+        if len(value) > self.max_members:
+            raise ParamError(f"{where} has {len(value)} criteria: at most {self.max_members}")
+        out = []
+        for i, m in enumerate(value):
+            at = f"{where}[{i}]"
+            if not isinstance(m, Mapping):
+                raise ParamError(f"{at}={_show(m)} is not an object: write {{\"name\": ..., \"params\": {{...}}}}")
+            extra = sorted(set(m) - {"name", "params", "weight"})
+            if extra:
+                raise ParamError(f"{at}.{extra[0]} is not a criterion field (known: name, params, weight)")
+            name = m.get("name")
+            if name in ("composite", "external"):
+                raise ParamError(f"{at}.name={name!r} cannot be a criterion of a composite: use one of the rankings")
+            if not isinstance(name, str) or name not in SCORERS:
+                known = ", ".join(n for n in SCORERS if n not in ("composite", "external"))
+                raise ParamError(f"{at}.name={_show(name)} is not known: use one of {known}")
+            params = m.get("params")
+            if params is not None and not isinstance(params, Mapping):
+                raise ParamError(f"{at}.params={_show(params)} is not an object")
+            weight = m.get("weight", 1.0)
+            weight = 1.0 if weight is None else Float(1.0, low=0.0, high=1e6).check(weight, f"{at}.weight")
+            if weight <= 0:
+                raise ParamError(f"{at}.weight={weight} must be > 0")
+            out.append({"name": name, "params": resolve_params(name, params, f"{at}.params"), "weight": weight})
+        return out
+
+    def describe(self) -> str:
+        return 'list of {"name", "params", "weight"} criteria (1-8, no composite/external)'
 
 
 @dataclass(frozen=True)
@@ -173,6 +216,27 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.hired:HiRED",
         {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
         since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
+    # --- schema 1.3: composites of criteria and the references' own rules (issue 13, "make the names true")
+    "composite": ScorerSpec(
+        "schedsearch.runtime.scorers.composite:Composite",
+        {"members": Members(({"name": "last_token_attention", "params": {"rope": False}, "weight": 1.0},
+                             {"name": "uniform", "params": {}, "weight": 1.0})),
+         "mode": Choice("union", ("union", "rank"))}, since="1.3",
+        summary="several criteria at once: union of per-criterion top-k shares, or a weighted rank ensemble"),
+    "fastv": ScorerSpec(
+        "schedsearch.runtime.scorers.fastv:FastV", {"rope": Bool(True)}, since="1.3",
+        summary="FastV's rule: the last token's attention returned by the layer before the drop"),
+    "divprune": ScorerSpec(
+        "schedsearch.runtime.scorers.divprune:DivPrune", since="1.3",
+        summary="DivPrune's rule: greedy max-min cosine diversity from the token whose nearest neighbour is farthest"),
+    "feather": ScorerSpec(
+        "schedsearch.runtime.scorers.feather:Feather", {"stride": Int(3, 0, 64), "rope": Bool(False)}, since="1.3",
+        summary="FEATHER's rule: a stride grid united with RoPE-free last-token attention of the layer before"),
+    "vflow": ScorerSpec(
+        "schedsearch.runtime.scorers.vflow:VFlow",
+        {"t": Float(1.0, low=0.0, high=1e3), "alpha": Float(0.0, low=-1e3, high=1e3), "cell": Int(3, 0, 64)},
+        since="1.3", summary="VFlowOpt: vision-attention importance; at the first drop each cell's pruned tokens "
+        "merge into their most important one, which is kept"),
     # --- schema 1.4: video rankings (issue 17); they read each token's clip and frame (video families only)
     "evs": ScorerSpec(
         "schedsearch.runtime.scorers.evs:EVS", since="1.4",
@@ -208,5 +272,9 @@ def resolve_params(name: str, params: Mapping[str, Any] | None, where: str = "sc
     out: dict[str, Any] = {}
     for key, kind in spec.params.items():
         value = given.get(key)
-        out[key] = kind.default if value is None else kind.check(value, f"{where}.{key}")
+        if value is None:
+            value = kind.check(list(kind.default), f"{where}.{key}") if isinstance(kind, Members) else kind.default
+            out[key] = value
+        else:
+            out[key] = kind.check(value, f"{where}.{key}")
     return out

@@ -569,3 +569,45 @@ def test_qwen2_vl_video_is_pruned_per_modality(tiny_dir):
         assert int((mod.gather(1, h.kept_indices[0]) == 2).sum()) == kept_counts([0.5], n_vid)[0]
         assert int((mod.gather(1, h.kept_indices[0]) == 1).sum()) == int((mod[0] == 1).sum())
     assert not torch.allclose(out, ref)
+
+
+# ------------------------------------------------------------------ ragged batches with video (issue 17 part 5)
+@pytest.mark.parametrize("scorer", ["uniform", "last_token_attention", "diverse", "evs", "holitom", "vidcom2"])
+@pytest.mark.parametrize("per_modality", [False, True])
+@torch.no_grad()
+def test_ragged_image_and_video_batch_equals_each_sample_alone(vad, scorer, per_modality):
+    """One batch of an image-only, a video-only and an image+video sample (different visual-token counts and
+    modality splits): each sample keeps the tokens it keeps alone, by the schedule's rounding rule per modality,
+    and its last-token logits equal those of the sample run alone."""
+    ad = vad
+    img = tiny_images(1, seed=5)[0]
+    imgs, vids = [[img], [], [img]], [[], [_clip()], [_clip(seed=2)]]
+    prompts = ["what is it ?", "what moves ?", "which shape appears first ?"]
+    n = ad.num_layers
+    ratios = [1.0] + [0.5] * (n - 2) + [0.25]
+    sched = {"keep_ratios": ratios, "scorer": {"name": scorer, "params": {}}, "recycling": None}
+    if per_modality:
+        sched["modality_keep_ratios"] = {"image": [1.0] * (n - 1) + [0.5], "video": [1.0] + [0.25] * (n - 1)}
+    batch = ad.prepare(imgs, prompts, videos=vids)
+    mod = ad.modality_mask(batch["input_ids"])
+    assert len(set((mod > 0).sum(1).tolist())) == 3  # really ragged
+    with apply_schedule(ad.model, sched, adapter=ad) as h:
+        out = ad.model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True).logits[0]
+        kept = {layer: idx.clone() for layer, idx in h.kept_indices.items()}
+        for i in range(3):
+            one = ad.prepare([imgs[i]], [prompts[i]], videos=[vids[i]])
+            alone = ad.model(**one).logits[0, -1]
+            m1 = ad.modality_mask(one["input_ids"])[0]
+            for layer, idx in h.kept_indices.items():
+                row = kept[layer][i]
+                row = row[row >= 0]
+                got = mod[i][row]
+                exp = m1[idx[0]]
+                for code, name in ((1, "image"), (2, "video")):
+                    assert int((got == code).sum()) == int((exp == code).sum()), (scorer, i, layer, name)
+                    total = int((m1 == code).sum())
+                    rule = sched.get("modality_keep_ratios", {}).get(name, ratios) if per_modality else None
+                    if rule is not None and total:
+                        assert int((got == code).sum()) == kept_counts(rule, total)[layer], (scorer, i, layer)
+            assert float((alone - out[i]).abs().max()) <= 1e-4, (scorer, i)

@@ -308,7 +308,8 @@ class _QwenAdapter(VLMAdapter):
         return self._token_table(batch)[..., 3:].long()
 
     def _token_table(self, batch: Any) -> Any:
-        """(B, V, 5) float per visual token in sequence order: item, row, col, clip, frame.
+        """(B, V_max, 5) float per visual token in sequence order: item, row, col, clip, frame (a sample with fewer
+        visual tokens than the batch's largest is padded with zero rows at the end).
 
         Images come from ``image_grid_thw`` and videos from ``video_grid_thw``, each consumed in sequence order as
         its tokens appear (``mm_token_type_ids`` 1 / 2); a Qwen3-VL video's per-frame segments consume one clip.
@@ -342,10 +343,6 @@ class _QwenAdapter(VLMAdapter):
                 rc = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2).repeat(int(t), 1)
                 frame = torch.arange(int(t), dtype=torch.float32).repeat_interleave(hh * ww)[:, None]
                 tables[k].append(torch.cat([rc, frame], dim=1))  # row, col, frame
-        counts = (mod > 0).sum(1).tolist()
-        if len(set(counts)) > 1:
-            raise ValueError(f"visual_coords: samples have different numbers of visual tokens {counts}; "
-                             f"batch samples with the same image sizes")
         pos = {1: 0, 2: 0}  # next item of each modality (batch-wide, in processor order)
         rows = []
         for b in range(input_ids.shape[0]):
@@ -378,7 +375,8 @@ class _QwenAdapter(VLMAdapter):
                 what = "images" if k == 1 else "videos"
                 raise ValueError(f"visual_coords: {len(tables[k])} {what} but only {pos[k]} used by the batch's "
                                  "visual tokens")
-        return torch.stack(rows).to(input_ids.device)
+        width = max((len(r) for r in rows), default=0)  # a ragged batch: shorter samples padded with zero rows
+        return torch.stack([torch.cat([r, r.new_zeros(width - len(r), 5)]) for r in rows]).to(input_ids.device)
 
     # ------------------------------------------------------------ vision attention (VFlowOpt-style maps)
     def vision_attention_hook(self, store: list, block: int | None = None) -> Any:
@@ -564,13 +562,11 @@ def _qwen_qkv(module: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
 
 
 def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
-    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order."""
+    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order; samples with
+    fewer visual tokens than the batch's largest (a ragged batch) are padded with zero rows at the end."""
     import torch
 
     counts = vis_mask.sum(1).tolist()
-    if len(set(counts)) > 1:
-        raise ValueError(f"visual_coords: samples have different numbers of visual tokens {counts}; "
-                         f"batch samples with the same image sizes")
     rows, k = [], 0
     for n in counts:
         parts, got, idx = [], 0, 0
@@ -589,7 +585,8 @@ def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
         rows.append(torch.cat(parts) if parts else torch.zeros(0, 3))
     if k != len(per_image):
         raise ValueError(f"visual_coords: {len(per_image)} images but only {k} used by the batch's visual tokens")
-    return torch.stack(rows).to(vis_mask.device)
+    width = max(counts, default=0)
+    return torch.stack([torch.cat([r, r.new_zeros(width - len(r), 3)]) for r in rows]).to(vis_mask.device)
 
 
 class Qwen25VLAdapter(_QwenAdapter):

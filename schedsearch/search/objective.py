@@ -105,11 +105,11 @@ class Objective:
             self.vis_counts[split].append(self.adapter.visual_mask(b["input_ids"]).sum(1).tolist())
 
     def importance(self, schedule: Any, split: str) -> list[torch.Tensor] | None:
-        """Per-batch (B, V) maps for a schedule whose scorer is external/vision_attention, else None."""
+        """Per-batch (B, V) maps for a schedule whose scorer is vflow or external/vision_attention, else None."""
         scorer = schedule.get("scorer") if isinstance(schedule, dict) else getattr(schedule, "scorer", None)
         name = scorer.get("name") if isinstance(scorer, dict) else getattr(scorer, "name", None)
         params = (scorer.get("params") if isinstance(scorer, dict) else getattr(scorer, "params", None)) or {}
-        if name != "external" or params.get("source") != "vision_attention":
+        if not (name == "vflow" or (name == "external" and params.get("source") == "vision_attention")):
             return None
         if split not in self.maps:
             raise ValueError("this objective was built without vision maps: pass vision_maps=True")

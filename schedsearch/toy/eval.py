@@ -6,8 +6,8 @@
     report["overall"], report["by_qtype"]["spatial"], report["by_region"]["top left"]
 
 Answers are compared after lower-casing and collapsing whitespace; the prediction is the greedy
-generation (``max_new_tokens``) decoded without special tokens. Samples are batched with samples of
-the same visual-token count (the runtime's requirement), left-padded by the adapter's processor.
+generation (``max_new_tokens``) decoded without special tokens. Samples are batched in order (batches may
+mix visual-token counts: the runtime prunes ragged batches), left-padded by the adapter's processor.
 Breakdowns use the manifest's optional ``qtype`` and ``region`` keys (``Sample.extra``).
 """
 
@@ -25,13 +25,9 @@ def normalize(text: str) -> str:
 
 
 def _groups(adapter: Any, samples: Sequence[Any], batch_size: int) -> list[list[int]]:
-    from schedsearch.evaluation import prepare_samples
-
-    by_count: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        mod = adapter.modality_mask(prepare_samples(adapter, [s])["input_ids"])
-        by_count[(int((mod == 1).sum()), int((mod == 2).sum()))].append(i)
-    return [idx[k:k + batch_size] for idx in by_count.values() for k in range(0, len(idx), batch_size)]
+    """Indices of consecutive samples, ``batch_size`` at a time."""
+    idx = list(range(len(samples)))
+    return [idx[k:k + batch_size] for k in range(0, len(idx), max(1, batch_size))]
 
 
 def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch_size: int = 32,
