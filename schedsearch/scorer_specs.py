@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Bool", "Choice", "Float", "Int", "ParamError", "ScorerSpec", "SCORERS", "scorer_names",
+__all__ = ["Bool", "Choice", "Float", "Int", "ParamError", "Parts", "ScorerSpec", "SCORERS", "scorer_names",
            "resolve_params"]
 
 
@@ -94,6 +94,47 @@ class Choice:
 
     def describe(self) -> str:
         return f"one of {', '.join(self.values)}, default {self.default}"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A list of 2..``high`` rankings, each ``{"name": ..., "params": {...}, "weight": w}`` (a composite's parts).
+
+    Every part is checked like a top-level scorer section (its name against this registry, its params against
+    that row); ``exclude`` names that cannot be parts (the composite itself, ``external``); weight in (0, 1e3].
+    The checked value is a list of plain dicts with defaults filled in."""
+
+    default: tuple
+    high: int = 3
+    exclude: tuple[str, ...] = ()
+
+    def check(self, value: Any, where: str) -> list[dict[str, Any]]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or \
+                not 2 <= len(value) <= self.high:
+            raise ParamError(f"{where}={_show(value)} is not a list of 2 to {self.high} rankings, e.g. "
+                             '[{"name": "diverse"}, {"name": "fastervlm", "weight": 0.5}]')
+        out = []
+        for i, part in enumerate(value):
+            at = f"{where}[{i}]"
+            if not isinstance(part, Mapping):
+                raise ParamError(f"{at}={_show(part)} is not an object with a ranking name")
+            unknown = sorted(set(part) - {"name", "params", "weight"})
+            if unknown:
+                raise ParamError(f"{at}.{unknown[0]} is not known: a part has name, params and weight")
+            name = part.get("name")
+            if name in self.exclude:
+                raise ParamError(f"{at}.name={_show(name)} cannot be a part: use one of the other rankings")
+            params = resolve_params(name, part.get("params"), f"{at}.params") if name in SCORERS else None
+            if params is None:
+                raise ParamError(f"{at}.name={_show(name)} is not known: use one of "
+                                 f"{', '.join(n for n in SCORERS if n not in self.exclude)}")
+            weight = Float(1.0, low=1e-6, high=1e3).check(1.0 if part.get("weight") is None else part["weight"],
+                                                         f"{at}.weight")
+            out.append({"name": name, "params": params, "weight": weight})
+        return out
+
+    def describe(self) -> str:
+        return f"list of 2 to {self.high} rankings {{name, params, weight}}"
 
 
 @dataclass(frozen=True)
@@ -173,6 +214,13 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.hired:HiRED",
         {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
         since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
+    # --- schema 1.3: combinations of the rankings above (what `--scorer auto` searches over, besides them)
+    "composite": ScorerSpec(
+        "schedsearch.runtime.scorers.composite:Composite",
+        {"parts": Parts(({"name": "last_token_attention", "params": {"rope": False}}, {"name": "uniform"}),
+                        exclude=("composite", "external")),
+         "mode": Choice("rank", ("rank", "union"))}, since="1.3",
+        summary="weighted combination of 2-3 rankings: rank fusion, or a union of their top picks by weight"),
 }
 
 
@@ -196,5 +244,7 @@ def resolve_params(name: str, params: Mapping[str, Any] | None, where: str = "sc
     out: dict[str, Any] = {}
     for key, kind in spec.params.items():
         value = given.get(key)
+        if value is None and isinstance(kind, Parts):  # the default parts get their own defaults filled in
+            value = kind.default
         out[key] = kind.default if value is None else kind.check(value, f"{where}.{key}")
     return out

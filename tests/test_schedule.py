@@ -90,7 +90,7 @@ def test_json_layout_sorted_keys_two_space_indent() -> None:
     data = json.loads(text)
     assert text == json.dumps(data, sort_keys=True, indent=2) + "\n"
     assert list(data) == sorted(data)
-    assert data["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert data["schema_version"] == SCHEMA_VERSION == "1.3"
     assert data["recycling"] is None and data["objective"] is None
 
 
@@ -345,8 +345,9 @@ def test_unknown_major_is_refused(tmp_path: Path) -> None:
 
 def test_unknown_newer_minor_keys_warn_and_survive(tmp_path: Path) -> None:
     data = good_dict()
-    data["schema_version"] = "1.3"
-    data["tiling"] = {"tiles": [2, 2], "note": "added in 1.3"}
+    newer = f"1.{int(SCHEMA_VERSION.split('.')[1]) + 1}"  # a minor this reader does not know yet
+    data["schema_version"] = newer
+    data["tiling"] = {"tiles": [2, 2], "note": f"added in {newer}"}
     data["budget"]["latency_ms"] = 12.5
     data["scorer"]["temperature"] = None
     path = write(tmp_path, json.dumps(data, sort_keys=True, indent=2) + "\n")
@@ -354,7 +355,7 @@ def test_unknown_newer_minor_keys_warn_and_survive(tmp_path: Path) -> None:
         s = load_schedule(path)
     assert len(rec) == 1
     msg = str(rec[0].message)
-    assert "tiling" in msg and "budget.latency_ms" in msg and "scorer.temperature" in msg and "1.3" in msg
+    assert "tiling" in msg and "budget.latency_ms" in msg and "scorer.temperature" in msg and newer in msg
     assert s.extra["tiling"]["tiles"] == (2, 2)
     assert s.budget.extra["latency_ms"] == 12.5
     assert s.to_json() == path.read_text()
