@@ -54,7 +54,9 @@ __all__ = [
     "make_provenance",
 ]
 
-SCHEMA_VERSION = "1.3"  # 1.3 (2026-12): "composite" (combinations of rankings); 1.2 (2026-12): the field's rankings (issue 13); 1.1 (2026-11): "diverse"; 1.0: first
+# 1.3 (2026-12): "composite" (combinations of rankings); 1.2 (2026-12): the field's rankings (issue 13);
+# 1.1 (2026-11): "diverse"; 1.0: first
+SCHEMA_VERSION = "1.3"
 _MAJOR = 1
 SCORER_NAMES = scorer_names()  # the registry in scorer_specs.py (one row per ranking)
 BUDGET_KINDS = ("flops", "tokens", "kv")
