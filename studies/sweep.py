@@ -18,8 +18,10 @@ For each FLOPs budget in :data:`BUDGETS` and each method in :data:`METHODS` (a "
 * every schedule is then measured on the toy held-out set (``schedsearch.toy.write_dataset(.., seed=HELDOUT_SEED)``):
   achieved FLOPs / KV / layer-averaged keep ratios on its token counts, the discrepancy (mean ``1 - cos`` of
   the last token's final-norm hidden state, the search objective), exact-match accuracy overall, per question
-  type and for objects in the top vs bottom half of the image, and the measured prefill speed-up (full
-  forward, vision encoder included, :func:`schedsearch.evaluation.time_prefill`).
+  type and for objects in the top vs bottom half of the image (greedy answers on batches whose image features are
+  encoded once, :func:`schedsearch.toy.eval.prepare_groups`: same answers, the vision encoder is not re-run per
+  cell), and the measured prefill speed-up (full forward, vision encoder included,
+  :func:`schedsearch.evaluation.time_prefill`) for the searched methods and ``Preset.timed_peers``.
 
 The summary (:func:`summarize`, a second table in ``sweep.md``) sets, per budget, the best searched schedule --
 chosen on the calibration set (lowest search-set discrepancy among the searched methods), never on held-out numbers
@@ -80,6 +82,10 @@ class Preset:
     budgets: tuple[float, ...] = BUDGETS
     methods: tuple[str, ...] = METHODS
     budget_kind: str = "flops"
+    #: fixed baselines whose prefill is timed (the others' speed-up is "–": timing the 16 samples costs more than
+    #: their accuracy on 512 now that the image features are encoded once; bench_runtime.py --scorers has the
+    #: run-time cost of every ranking at real width)
+    timed_peers: tuple[str, ...] = ("fastv", "pdrop", "uniform")
 
 
 PRESETS: dict[str, Preset] = {
@@ -106,9 +112,11 @@ class Heldout:
     objective: Any
     timing_batches: list
     reference: dict = field(default_factory=dict)
+    #: the accuracy batches with their image features encoded once (toy.eval.prepare_groups, precompute=True)
+    prepared: list | None = None
 
 
-def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset) -> dict:
+def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset, timed: bool = True) -> dict:
     """Budget, discrepancy, accuracy and prefill timing of ``schedule`` (None = unpruned) on the held-out set."""
     from schedsearch.evaluation import time_prefill
     from schedsearch.flops import budget_report
@@ -118,7 +126,8 @@ def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset) 
     n = adapter.num_layers
     ratios = list(schedule["keep_ratios"]) if schedule else [1.0] * n
     rep = budget_report(obj.shape, obj.counts["search"], ratios)
-    acc = accuracy(adapter, held.samples, schedule=schedule, batch_size=32)
+    acc = accuracy(adapter, held.samples, schedule=schedule, batch_size=32,
+                   prepared=None if needs_encoder_run(schedule) else held.prepared)
     out = {"flops_ratio": rep.flops_ratio, "kv_ratio": rep.kv_ratio, "token_ratio": rep.token_ratio,
            "discrepancy": obj.score(schedule) if schedule else 0.0,
            "accuracy": acc["overall"], "accuracy_by_qtype": acc["by_qtype"], "accuracy_by_region": acc["by_region"],
@@ -128,12 +137,27 @@ def measure(adapter: Any, held: Heldout, schedule: dict | None, preset: Preset) 
     halves = region_halves(acc)
     out.update(accuracy_top=halves["top"], accuracy_bottom=halves["bottom"], n_top=halves["n_top"],
                n_bottom=halves["n_bottom"])
-    if schedule:
+    if schedule and timed:
         full, pruned = time_prefill(adapter, held.timing_batches, schedule, preset.timing_repeats)
         out.update(prefill_ms_unpruned=full, prefill_ms_pruned=pruned, speedup=full / pruned if pruned else None)
     else:
-        out.update(prefill_ms_unpruned=None, prefill_ms_pruned=None, speedup=1.0)
+        out.update(prefill_ms_unpruned=None, prefill_ms_pruned=None, speedup=None if schedule else 1.0)
     return out
+
+
+def needs_encoder_run(schedule: dict | None) -> bool:
+    """Whether ``generate()`` must run the vision encoder for this schedule (raw batches): VFlowOpt's map is read
+    from the tower's own run, and inside ``generate()`` the image grid (token coordinates: recycling and the
+    rankings with ``needs_coords``) reaches the runtime only through the tower's call. Otherwise the features
+    encoded once are used (same answers)."""
+    if not schedule:
+        return False
+    from schedsearch.runtime.scorers import build_scorer
+
+    sc = schedule.get("scorer") or {}
+    if sc.get("name") == "external" or (schedule.get("recycling") or {}).get("grid", 0) > 1:
+        return True
+    return bool(getattr(build_scorer(sc.get("name", "last_token_attention"), sc.get("params")), "needs_coords", False))
 
 
 # ---------------------------------------------------------------------------------------------- searching
@@ -188,7 +212,8 @@ def run_cell(method: str, budget: float, obj: Any, adapter: Any, held: Heldout, 
                 keep_ratios=[float(r) for r in cand.ratios], scorer=cand.scorer, recycling=cand.recycling,
                 calibration_flops_ratio=obj.budget_fn("flops")(cand.ratios))
     t1 = time.perf_counter()
-    cell.update(measure(adapter, held, sched, preset))
+    timed = method in SEARCHED or method in preset.timed_peers
+    cell.update(measure(adapter, held, sched, preset, timed=timed))
     cell["eval_s"] = time.perf_counter() - t1
     return cell
 
@@ -253,10 +278,13 @@ def run_sweep(adapter: Any, calibration: Sequence[Any], heldout: Sequence[Any], 
     vflow = "vflow" in preset.methods
     obj = Objective(adapter, calib, heldout_fraction=0.0, seed=preset.seed, batch_size=preset.batch_size,
                     vision_maps=vflow)
+    from schedsearch.toy.eval import prepare_groups
+
     held = Heldout(samples=heldout,
                    objective=Objective(adapter, heldout, heldout_fraction=0.0, seed=preset.seed,
                                        batch_size=preset.batch_size, vision_maps=vflow),
-                   timing_batches=make_batches(adapter, heldout[: preset.timing_samples], preset.batch_size))
+                   timing_batches=make_batches(adapter, heldout[: preset.timing_samples], preset.batch_size),
+                   prepared=prepare_groups(adapter, heldout, 32, precompute=True))
     held.reference = measure(adapter, held, None, preset)
     lo = feasible_range(obj, preset.budget_kind)[0]
     setup_s = time.perf_counter() - t_start
@@ -278,7 +306,7 @@ def run_sweep(adapter: Any, calibration: Sequence[Any], heldout: Sequence[Any], 
                 log_cell(tracker, len(cells) - 1, cell)
                 log(f"{budget:>5} {method:<9} " + (
                     f"FLOPs {cell['flops_ratio']:.3f} 1-cos {cell['discrepancy']:.4f} acc {cell['accuracy']:.3f} "
-                    f"x{cell['speedup']:.2f} trials {cell['trials']} search {cell['search_s']:.1f}s "
+                    f"x{_f(cell['speedup'], 2)} trials {cell['trials']} search {cell['search_s']:.1f}s "
                     f"eval {cell['eval_s']:.1f}s" if cell["status"] == "ok" else cell["reason"]))
         wall = time.perf_counter() - t_start
         results = {"meta": {**info, "preset_config": asdict(preset), "lowest_feasible": lo,
@@ -444,9 +472,12 @@ def markdown(results: dict) -> str:
         "",
         "Columns: requested FLOPs budget; method; achieved decoder-prefill FLOPs ratio, KV-cache ratio and "
         "layer-averaged visual keep on the held-out token counts; held-out discrepancy (mean 1 − cos of the last "
-        "token's final-norm hidden state, the search objective); exact-match accuracy overall, per question type "
+        "token's final-norm hidden state, the search objective); exact-match accuracy overall (± one standard error "
+        "sqrt(p (1 − p) / n)), per question type "
         "and for spatial questions about objects in the top / bottom half; measured prefill speed-up (full "
-        f"forward incl. the vision encoder, median of {p['timing_repeats']}, {p['timing_samples']} samples); "
+        f"forward incl. the vision encoder, median of {p['timing_repeats']}, {p['timing_samples']} samples; "
+        f"timed for the searched methods and {', '.join(p.get('timed_peers') or ('fastv', 'pdrop', 'uniform'))}, "
+        "'–' for the other peers); "
         "search trials and seconds.",
         "",
         "| " + " | ".join(cols) + " |",

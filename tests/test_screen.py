@@ -42,6 +42,12 @@ def test_choices_are_the_best_few_plus_composites_of_the_best():
     assert singles == ["r0", "r1", "r2"]
     mixes = [k for k, sc in ch.items() if sc["name"] == "composite"]
     assert mixes == ["rank(uniform+dart)", "union(uniform+dart)", "rank(uniform+dart+mmtok)"]
+    # composites mix different rankings: the best variant of each name
+    variants = [{"label": lab, "scorer": sc, "value": v} for lab, sc, v in [
+        ("diverse:spatial=4.0", {"name": "diverse", "params": {"spatial": 4.0}}, 0.1),
+        ("diverse", {"name": "diverse", "params": {}}, 0.2), ("dart", {"name": "dart", "params": {}}, 0.3)]]
+    assert [k for k, sc in scr.auto_choices(variants).items() if sc["name"] == "composite"] == [
+        "rank(diverse:spatial=4.0+dart)", "union(diverse:spatial=4.0+dart)"]
     with pytest.raises(Exception, match="no ranking could be scored"):
         scr.auto_choices(rows[-1:])
 

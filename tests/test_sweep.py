@@ -103,6 +103,8 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
         assert c["calibration_flops_ratio"] <= 0.5 + 1e-9
         assert set(c["accuracy_by_qtype"]) == {"presence", "spatial"}
         assert (c["trials"] == 0) == (c["method"] in sweep.FIXED)
+        timed = c["method"] in sweep.SEARCHED or c["method"] in preset.timed_peers
+        assert (c["speedup"] is not None) == timed, c["method"]
         if c["method"] in ("psigmoid", "vflow"):
             assert c["trials"] == 2
         if c["method"] in ("psigmoid", "gsearch"):  # --scorer auto: the screen is recorded with the cell
@@ -155,3 +157,27 @@ def test_readme_search_set_size_figures_come_from_the_study():
     assert len(shares) == 2
     for pct in shares:
         assert f"| 0.{pct} |" in table
+
+
+def test_accuracy_on_batches_encoded_once_gives_the_raw_answers(tiny_dir, tmp_path):
+    """The sweep's accuracy runs on image features encoded once (toy.eval.prepare_groups): same predictions as raw
+    batches, for a ranking that reads the vision encoder's maps too (replayed by the adapter)."""
+    sweep = _sweep_module()
+    from schedsearch.models import load_model
+    from schedsearch.testing.tiny import tiny_samples
+    from schedsearch.toy.eval import predict, prepare_groups
+
+    ad = load_model(str(tiny_dir("qwen2_5_vl")))
+    samples = tiny_samples(tmp_path, 5, seed=9, prompt="what is object {i}?")
+    prepared = prepare_groups(ad, samples, 2, precompute=True)
+    assert all("mm_encoder_outputs" in b for _, b in prepared)
+    n = ad.num_layers
+    for name in ("uniform", "fastervlm", "last_token_attention"):
+        sched = {"keep_ratios": [0.3] * n, "scorer": {"name": name, "params": {}}}
+        assert not sweep.needs_encoder_run(sched)
+        assert predict(ad, samples, schedule=sched, batch_size=2, prepared=prepared) == \
+            predict(ad, samples, schedule=sched, batch_size=2)
+    for sched in ({"keep_ratios": [0.3] * n, "scorer": {"name": "diverse", "params": {}}},
+                  {"keep_ratios": [0.3] * n, "scorer": {"name": "uniform"}, "recycling": {"grid": 2}},
+                  {"keep_ratios": [0.3] * n, "scorer": {"name": "external", "params": {"source": "vision_attention"}}}):
+        assert sweep.needs_encoder_run(sched)

@@ -10,7 +10,8 @@ would spend most trials on rankings that are far from the best at this budget. S
    pruned forward over the search split each, i.e. about one trial each. A ranking the model cannot serve (e.g.
    a vision-encoder ranking on a family without vision maps) is recorded with its one-line reason and left out.
 2. **Choices** (:func:`auto_choices`): the ``top`` best screened rankings, plus ``composite`` rankings of the
-   best two (rank fusion and FEATHER-style union) and of the best three (rank fusion). Trials pick one of these
+   best two (rank fusion and FEATHER-style union) and of the best three (rank fusion) different rankings (the best
+   variant of each scorer name: mixing ``diverse`` at two spatial weights would add little). Trials pick one of these
    with the categorical parameter ``scorer`` (labels from :func:`label`); ``optuna.trial.FixedTrial`` replays the
    winner through the same table (``SearchContext.choices``).
 
@@ -127,8 +128,11 @@ def auto_choices(rows: Sequence[dict], top: int = TOP, composites: bool = True) 
     if not ok:
         raise SchedsearchError("--scorer auto: no ranking could be scored on this model (every one was refused)")
     out = {r["label"]: r["scorer"] for r in ok[:top]}
-    if composites and len(ok) >= 2:
-        best = [r["scorer"] for r in ok[:3]]
+    distinct: dict[str, dict] = {}  # the best variant of each ranking: composites mix different rankings
+    for r in ok:
+        distinct.setdefault(r["scorer"]["name"], r["scorer"])
+    if composites and len(distinct) >= 2:
+        best = list(distinct.values())[:3]
         mixes = [composite(best[:2], "rank"), composite(best[:2], "union")]
         if len(best) >= 3:
             mixes.append(composite(best[:3], "rank"))
