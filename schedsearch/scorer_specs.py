@@ -96,11 +96,16 @@ class Choice:
         return f"one of {', '.join(self.values)}, default {self.default}"
 
 
+#: rankings that cannot be a composite's criteria: composites nest no composite; external's and vflow's map is
+#: wired by the runtime to the top-level scorer only
+NOT_MEMBERS = ("composite", "external", "vflow")
+
+
 @dataclass(frozen=True)
 class Members:
     """A composite's criteria: a list of ``{"name": scorer, "params": {...}, "weight": w > 0}`` (params and weight
     optional; weight default 1). Each member's params are checked against its own row; a composite cannot contain
-    another composite, nor ``external`` (whose map comes from the caller)."""
+    another composite, nor ``external`` or ``vflow`` (whose map the runtime wires to the top-level scorer only)."""
 
     default: tuple = ()
     max_members: int = 8
@@ -120,10 +125,10 @@ class Members:
             if extra:
                 raise ParamError(f"{at}.{extra[0]} is not a criterion field (known: name, params, weight)")
             name = m.get("name")
-            if name in ("composite", "external"):
+            if name in NOT_MEMBERS:
                 raise ParamError(f"{at}.name={name!r} cannot be a criterion of a composite: use one of the rankings")
             if not isinstance(name, str) or name not in SCORERS:
-                known = ", ".join(n for n in SCORERS if n not in ("composite", "external"))
+                known = ", ".join(n for n in SCORERS if n not in NOT_MEMBERS)
                 raise ParamError(f"{at}.name={_show(name)} is not known: use one of {known}")
             params = m.get("params")
             if params is not None and not isinstance(params, Mapping):
@@ -136,7 +141,7 @@ class Members:
         return out
 
     def describe(self) -> str:
-        return 'list of {"name", "params", "weight"} criteria (1-8, no composite/external)'
+        return 'list of {"name", "params", "weight"} criteria (1-8, no composite/external/vflow)'
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,11 @@ def test_committed_results_match_the_preset_in_their_header():
     preset = sweep.PRESETS[head["preset"]]
     assert head["command"].startswith("python studies/sweep.py") and f"--preset {preset.name}" in head["command"]
     assert _cells(rows) == {(b, m) for b in preset.budgets for m in preset.methods}
-    assert set(preset.methods) == {"fastv", "pdrop", "uniform", "psigmoid", "gsearch", "vflow"}
+    from schedsearch.search.fixed import BASELINES
+
+    # every method's published profile is a budget-matched peer row, besides the three searches
+    assert set(preset.methods) == set(BASELINES) | {"psigmoid", "gsearch", "vflow"}
+    assert {"fastv", "pdrop", "uniform", "fastervlm", "sparsevlm", "dart"} <= set(BASELINES)
     assert set(preset.budgets) == {0.5, 0.3, 0.2, 0.1, 0.05}
     for r in rows:
         assert set(sweep.COLUMNS + sweep.TAIL_COLUMNS) <= set(r)
@@ -46,9 +50,17 @@ def test_committed_results_match_the_preset_in_their_header():
 
 def test_readme_table_is_the_committed_sweep_table():
     """The README embeds exactly the table the script wrote (rerun the sweep -> copy its table)."""
-    table = "\n".join(ln for ln in (ROOT / "studies" / "results" / "sweep.md").read_text(encoding="utf-8").splitlines()
-                      if ln.startswith("|"))
-    assert table.count("\n") > 10 and table in (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks, cur = [], []
+    for ln in (ROOT / "studies" / "results" / "sweep.md").read_text(encoding="utf-8").splitlines() + [""]:
+        if ln.startswith("|"):
+            cur.append(ln)
+        elif cur:
+            blocks.append("\n".join(cur))
+            cur = []
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(blocks) == 2 and blocks[0].count("\n") > 10  # the sweep's table and the best-vs-peer summary
+    for table in blocks:
+        assert table in readme
 
 
 def test_presets_cover_every_budget_and_method():
@@ -91,12 +103,30 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
         assert c["calibration_flops_ratio"] <= 0.5 + 1e-9
         assert set(c["accuracy_by_qtype"]) == {"presence", "spatial"}
         assert (c["trials"] == 0) == (c["method"] in sweep.FIXED)
+        timed = c["method"] in sweep.SEARCHED or c["method"] in preset.timed_peers
+        assert (c["speedup"] is not None) == timed, c["method"]
         if c["method"] in ("psigmoid", "vflow"):
             assert c["trials"] == 2
+        if c["method"] in ("psigmoid", "gsearch"):  # --scorer auto: the screen is recorded with the cell
+            labels = {r["label"] for r in c["screen"]}
+            assert {"uniform", "fastervlm", "sparsevlm", "last_token_attention:rope=false"} <= labels
+            assert c["scorer_choices"] and c["scorer"]["name"] in {"composite"} | {
+                r["label"].split(":")[0] for r in c["screen"]}
+        assert 0.0 <= c["accuracy_se"] <= 0.5
+    summ = res["summary"]
+    assert [r["budget"] for r in summ["rows"]] == [0.5, 0.01]
+    row = summ["rows"][0]
+    searched = [c for c in res["cells"] if c["budget"] == 0.5 and c["kind"] == "searched"]
+    assert row["searched"] == min(searched, key=lambda c: c["search_discrepancy"])["method"]  # chosen on search set
+    peers = [c for c in res["cells"] if c["budget"] == 0.5 and c["kind"] == "fixed"]
+    assert row["peer_discrepancy"] == min(c["discrepancy"] for c in peers)
+    assert row["peer_accuracy"] == max(c["accuracy"] for c in peers)
+    assert "searched" not in summ["rows"][1]  # 0.01 is infeasible for every method
 
     head, rows = sweep.read_table((out / "sweep.md").read_text(encoding="utf-8"))
     assert head["preset"] == "test" and _cells(rows) == {(c["budget"], c["method"]) for c in res["cells"]}
     assert rows[0]["method"] == "unpruned" and rows[0]["1-cos"] == "0.0000"
+    assert "## Best searched schedule against the best peer" in (out / "sweep.md").read_text(encoding="utf-8")
     assert json.loads((out / "sweep.json").read_text())["cells"][0]["method"] == "fastv"
     for name in ("sweep_accuracy.png", "sweep_discrepancy.png", "sweep_keep_psigmoid.png", "sweep_keep_gsearch.png",
                  "sweep_keep_vflow.png"):
@@ -127,3 +157,27 @@ def test_readme_search_set_size_figures_come_from_the_study():
     assert len(shares) == 2
     for pct in shares:
         assert f"| 0.{pct} |" in table
+
+
+def test_accuracy_on_batches_encoded_once_gives_the_raw_answers(tiny_dir, tmp_path):
+    """The sweep's accuracy runs on image features encoded once (toy.eval.prepare_groups): same predictions as raw
+    batches, for a ranking that reads the vision encoder's maps too (replayed by the adapter)."""
+    sweep = _sweep_module()
+    from schedsearch.models import load_model
+    from schedsearch.testing.tiny import tiny_samples
+    from schedsearch.toy.eval import predict, prepare_groups
+
+    ad = load_model(str(tiny_dir("qwen2_5_vl")))
+    samples = tiny_samples(tmp_path, 5, seed=9, prompt="what is object {i}?")
+    prepared = prepare_groups(ad, samples, 2, precompute=True)
+    assert all("mm_encoder_outputs" in b for _, b in prepared)
+    n = ad.num_layers
+    for name in ("uniform", "fastervlm", "last_token_attention"):
+        sched = {"keep_ratios": [0.3] * n, "scorer": {"name": name, "params": {}}}
+        assert not sweep.needs_encoder_run(sched)
+        assert predict(ad, samples, schedule=sched, batch_size=2, prepared=prepared) == \
+            predict(ad, samples, schedule=sched, batch_size=2)
+    for sched in ({"keep_ratios": [0.3] * n, "scorer": {"name": "diverse", "params": {}}},
+                  {"keep_ratios": [0.3] * n, "scorer": {"name": "uniform"}, "recycling": {"grid": 2}},
+                  {"keep_ratios": [0.3] * n, "scorer": {"name": "external", "params": {"source": "vision_attention"}}}):
+        assert sweep.needs_encoder_run(sched)

@@ -196,7 +196,9 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     t0 = time.perf_counter()
     obj = Objective(adapter, samples, heldout_fraction=float(s["heldout_fraction"]), seed=settings.seed,
                     batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash,
-                    vision_maps=s["method"] == "vflow")
+                    # VFlowOpt's maps: its method, and its ranking (which --scorer auto's screen also tries)
+                    vision_maps=s["method"] == "vflow" or (s["scorer"] in ("auto", "vflow")
+                                                           and hasattr(adapter, "vision_attention")))
     setup_s = time.perf_counter() - t0
 
     from schedsearch.tracking import Tracker, optuna_callback
@@ -330,20 +332,28 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
 
     tolerance = None if s.get("tolerance") is None else float(s["tolerance"])
     g = GreedySearch(obj.adapter.num_layers, evaluate, step=float(s.get("step") or 0.05))
+    screen_rows = None
     complete = True
     with guard:
         try:
             if ctx.scorer.get("name") == "auto":
-                # G-Search needs one scorer: pick the best on the budget-matched uniform schedule (each is a trial)
+                # G-Search needs one scorer: the best on the budget-matched flat schedule among the screen's choices
+                # (search/screen.py: every ranking screened once, the best few + composites offered); the screened
+                # values are reused, the composites are evaluated here (each is a trial)
                 from schedsearch.search.fixed import uniform
-                from schedsearch.search.methods import SCORER_CHOICES
+                from schedsearch.search.screen import choices_for_study
 
                 probe, _ = uniform(obj.adapter.num_layers, bfn, settings.budget)
+                choices, screen_rows = choices_for_study(study, obj, settings.kind, settings.budget)
+                probe_key = tuple(round(r, 10) for r in probe)
+                for row in screen_rows or ():
+                    if row.get("value") is not None:
+                        known.setdefault((json.dumps(row["scorer"], sort_keys=True), probe_key), row["value"])
                 scores = {}
-                for key, sc in SCORER_CHOICES.items():
+                for key, sc in choices.items():
                     ctx.scorer = sc
                     scores[key] = evaluate(probe)
-                ctx.scorer = SCORER_CHOICES[min(scores, key=scores.get)]
+                ctx.scorer = choices[min(scores, key=scores.get)]
             if tolerance is not None:
                 ratios, tol = g.at_tolerance(tolerance), tolerance
             else:
@@ -366,7 +376,7 @@ def run_gsearch(settings: StudySettings, obj: Any, s: dict, callbacks: list, stu
     sched = cand.as_schedule_dict()
     result = StudyResult(study=study, best=cand, best_params={}, search_value=obj.score(sched),
                          heldout_value=obj.score(sched, split="heldout") if obj.batches["heldout"] else None,
-                         budget=budget_dict(obj, ratios, settings))
+                         budget=budget_dict(obj, ratios, settings), screen=screen_rows)
     for name in ("fastv", "pdrop", "uniform"):
         try:
             c = baseline_candidate(name, ctx)
@@ -408,7 +418,25 @@ def _log_summary(tracker: Any, result: Any, sched: Any, out: Path, adapter: Any,
     for name, b in result.baselines.items():
         if b["heldout"] is not None:
             metrics[f"{name}_heldout"] = b["heldout"]
+    log_screen(tracker, result.screen, metrics)
     tracker.set_summary(metrics, {"schedule_path": str(out)})
+
+
+def log_screen(tracker: Any, rows: list[dict] | None, metrics: dict) -> None:
+    """--scorer auto: each screened ranking's discrepancy as metric ``screen_<label>`` (added to ``metrics``) and
+    the whole screen as the run's artifact ``scorer_screen.json``."""
+    if not rows:
+        return
+    import json
+    import tempfile
+
+    for r in rows:
+        if r.get("value") is not None:
+            metrics[f"screen_{r['label']}"] = r["value"]
+    with tempfile.TemporaryDirectory(prefix="schedsearch-screen-") as tmp:
+        path = Path(tmp) / "scorer_screen.json"
+        path.write_text(json.dumps(rows, indent=1, default=float) + "\n", encoding="utf-8")
+        tracker.log_artifact_file(path)
 
 
 def _print_table(echo: Callable[[str], None], result: Any, out: Path, setup_s: float, trial_s: list) -> None:
@@ -465,3 +493,4 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
     return res, problems
+

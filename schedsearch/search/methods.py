@@ -27,6 +27,8 @@ class SearchContext:
     #: the stride-3 grid's share of the visual tokens on the calibration images (``fixed.feather_grid_share``);
     #: the ``feather`` baseline's union size depends on it (None: 1/9, LLaVA's 24 x 24 grid)
     grid_share: float | None = None
+    #: with scorer "auto": label -> scorer section the trials choose from (search/screen.py); None = SCORER_CHOICES
+    choices: dict[str, dict] | None = None
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Method(Protocol):
     def suggest(self, trial: Any, ctx: SearchContext) -> Candidate: ...
 
 
-# scorers a search may choose from when the scorer is "auto" (the default): Optuna picks one per trial
+# the fixed table --scorer auto chose from before the screen (search/screen.py); kept for studies started then
 SCORER_CHOICES: dict[str, dict] = {
     "last_token": {"name": "last_token_attention", "params": {"rope": True}},
     "last_token_norope": {"name": "last_token_attention", "params": {"rope": False}},
@@ -60,16 +62,19 @@ SCORER_CHOICES: dict[str, dict] = {
 
 
 def pick_scorer(trial: Any, ctx: SearchContext) -> dict:
-    """The fixed scorer, or with ``{"name": "auto"}`` a categorical parameter ``scorer`` of the trial."""
+    """The fixed scorer, or with ``{"name": "auto"}`` a categorical parameter ``scorer`` of the trial over
+    ``ctx.choices`` (the screen's best rankings and composites, search/screen.py)."""
     if ctx.scorer.get("name") != "auto":
         return ctx.scorer
-    return SCORER_CHOICES[trial.suggest_categorical("scorer", list(SCORER_CHOICES))]
+    table = ctx.choices if ctx.choices is not None else SCORER_CHOICES
+    return table[trial.suggest_categorical("scorer", list(table))]
 
 
 class PSigmoid:
     """Sigmoid over depth (Zhao et al., arXiv 2412.00556): steepness k, floor fraction phi; midpoint solved."""
 
     name = "psigmoid"
+    searches_scorer = True  # --scorer auto: the ranking is a trial parameter (pick_scorer)
 
     def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
         k = trial.suggest_float("k", 2.0, 60.0, log=True)
@@ -82,6 +87,7 @@ class PCosine:
     """Shifted cosine over depth (p-MoD, arXiv 2412.04449): width w, floor fraction phi; start solved."""
 
     name = "pcosine"
+    searches_scorer = True
 
     def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
         w = trial.suggest_float("w", 0.05, 1.0)

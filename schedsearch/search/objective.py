@@ -112,7 +112,8 @@ class Objective:
         if not (name == "vflow" or (name == "external" and params.get("source") == "vision_attention")):
             return None
         if split not in self.maps:
-            raise ValueError("this objective was built without vision maps: pass vision_maps=True")
+            raise UnsupportedForModel(f"ranking {name} needs the vision encoder's attention maps, which this objective "
+                                      "did not record (the model has none, or vision_maps=False)")
         from schedsearch.runtime.importance import importance_for_batch
 
         t, alpha = float(params.get("t", 1.0)), float(params.get("alpha", 0.0))

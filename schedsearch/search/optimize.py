@@ -87,6 +87,8 @@ class StudyResult:
     heldout_value: float | None
     budget: dict
     baselines: dict[str, dict] = field(default_factory=dict)
+    #: --scorer auto: what the ranking screen measured (search/screen.py), best first; None when not screened
+    screen: list[dict] | None = None
 
 
 def make_sampler(name: str, seed: int, n_startup: int = 8) -> Any:
@@ -235,6 +237,18 @@ def open_study(settings: StudySettings, *, pareto: bool = False) -> Any:
     return study
 
 
+def auto_scorer(study: Any, obj: Objective, ctx: SearchContext, method: Any, kind: str, target: float
+                ) -> list[dict] | None:
+    """With ``--scorer auto`` and a method that searches the ranking: set ``ctx.choices`` from the ranking screen
+    (search/screen.py; stored on the study, reused on resume). Returns the screen's rows (None: no screen)."""
+    if ctx.scorer.get("name") != "auto" or not getattr(method, "searches_scorer", False):
+        return None
+    from schedsearch.search.screen import choices_for_study
+
+    ctx.choices, rows = choices_for_study(study, obj, kind, target)
+    return rows
+
+
 def feasible_range(obj: Objective, kind: str) -> tuple[float, float]:
     """Smallest achievable budget (every visual token dropped before layer 0) and 1.0."""
     fn = obj.budget_fn(kind)
@@ -273,6 +287,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
         tag_trial(trial, settings)
         cand = method.suggest(trial, ctx)
         b = budget_dict(obj, cand.ratios, settings)
+        trial.set_user_attr("scorer", cand.scorer)
         trial.set_user_attr("keep_ratios", [round(r, 6) for r in cand.ratios])
         trial.set_user_attr("solved", cand.params)
         for k in ("flops_ratio", "kv_ratio", "token_ratio", "achieved"):
@@ -290,6 +305,7 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
     if study is None:
         check_study_name(settings)
         study = open_study(settings)
+    screen_rows = auto_scorer(study, obj, ctx, method, settings.kind, settings.budget)
     # --trials = trials this invocation runs (Optuna's CLI semantics): --resume adds N, N workers add N each
     guard = SigintGuard(study)
     with guard:  # Ctrl-C never lands inside a trial's storage write (interrupt.py)
@@ -303,7 +319,8 @@ def run_study(settings: StudySettings, obj: Objective, *, callbacks: Sequence[Ca
     search_value = obj.score(best_cand.as_schedule_dict())
     heldout = obj.score(best_cand.as_schedule_dict(), split="heldout") if obj.batches["heldout"] else None
     result = StudyResult(study=study, best=best_cand, best_params=dict(best.params), search_value=search_value,
-                         heldout_value=heldout, budget=budget_dict(obj, best_cand.ratios, settings))
+                         heldout_value=heldout, budget=budget_dict(obj, best_cand.ratios, settings),
+                         screen=screen_rows)
     for name in baselines:
         try:
             cand = baseline_candidate(name, ctx)
@@ -350,9 +367,11 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
     method = METHODS[settings.method]()
     hi = max(budgets)
 
+    base_ctx = _context(obj, settings)
+
     def ctx_for(target: float) -> SearchContext:
         c = _context(obj, settings)
-        c.target = target
+        c.target, c.choices = target, base_ctx.choices
         return c
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -372,6 +391,8 @@ def run_pareto(settings: StudySettings, obj: Objective, budgets: Sequence[float]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are logged by the tracker; no tracebacks
     if study is None:
         study = open_study(settings, pareto=True)
+    # one screen for the whole front, at the largest requested budget (each trial's target varies below it)
+    auto_scorer(study, obj, base_ctx, method, settings.kind, hi)
     guard = SigintGuard(study)
     with guard:
         study.optimize(objective, n_trials=settings.trials, timeout=settings.timeout, callbacks=list(callbacks),

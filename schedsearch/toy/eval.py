@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["accuracy", "normalize", "random_drop_schedule", "region_halves"]
+__all__ = ["accuracy", "normalize", "prepare_groups", "random_drop_schedule", "region_halves"]
 
 
 def normalize(text: str) -> str:
@@ -30,9 +30,24 @@ def _groups(adapter: Any, samples: Sequence[Any], batch_size: int) -> list[list[
     return [idx[k:k + batch_size] for k in range(0, len(idx), max(1, batch_size))]
 
 
+def prepare_groups(adapter: Any, samples: Sequence[Any], batch_size: int = 32, *, precompute: bool = False
+                   ) -> list[tuple[list[int], dict]]:
+    """The batches :func:`predict` runs, built once: ``(sample indices, batch)``. With ``precompute`` the image
+    features are encoded now (``adapter.precompute_vision``, the path ``generate()`` takes): a caller that
+    evaluates many schedules on one set pays for the vision encoder once (rankings that read the encoder's maps
+    replay it, see ``VLMAdapter.replay_vision``). Same predictions as raw batches."""
+    from schedsearch.evaluation import prepare_samples
+
+    out = []
+    for idx in _groups(adapter, samples, batch_size):
+        batch = prepare_samples(adapter, [samples[i] for i in idx])
+        out.append((idx, adapter.precompute_vision(batch) if precompute else batch))
+    return out
+
+
 def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch_size: int = 32,
-            max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers, one per sample, in order."""
+            max_new_tokens: int = 4, prepared: Sequence[tuple[list[int], dict]] | None = None) -> list[str]:
+    """Greedy answers, one per sample, in order. ``prepared``: the batches from :func:`prepare_groups`."""
     import torch
 
     from schedsearch.evaluation import prepare_samples
@@ -40,8 +55,9 @@ def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch
 
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     out: list[str] = [""] * len(samples)
-    for idx in _groups(adapter, samples, batch_size):
-        batch = prepare_samples(adapter, [samples[i] for i in idx])
+    groups = prepared if prepared is not None else (
+        (idx, prepare_samples(adapter, [samples[i] for i in idx])) for idx in _groups(adapter, samples, batch_size))
+    for idx, batch in groups:
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():
             if schedule is None:
@@ -56,7 +72,7 @@ def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch
 
 
 def accuracy(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch_size: int = 32,
-             max_new_tokens: int = 4) -> dict:
+             max_new_tokens: int = 4, prepared: Sequence[tuple[list[int], dict]] | None = None) -> dict:
     """{"n", "overall", "by_qtype": {qtype: acc}, "by_region": {region: acc}, "counts": {...}}."""
     missing = [s.source for s in samples if s.answer is None]
     if missing:
@@ -64,7 +80,8 @@ def accuracy(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batc
 
         raise CalibrationError(f"{missing[0]}: accuracy needs an \"answer\" on every line "
                                f"({len(missing)} samples have none)")
-    preds = predict(adapter, samples, schedule=schedule, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    preds = predict(adapter, samples, schedule=schedule, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    prepared=prepared)
     hits = [p == normalize(s.answer) for p, s in zip(preds, samples, strict=True)]
     by_q: dict[str, list[bool]] = defaultdict(list)
     by_r: dict[str, list[bool]] = defaultdict(list)

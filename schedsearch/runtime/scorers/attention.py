@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from schedsearch.runtime.scorers.base import ScoreContext, attention_rows, take_visual
+from schedsearch.runtime.scorers.base import ScoreContext, attention_rows, mean_attention, take_visual
 
 
 class LastTokenAttention:
@@ -35,9 +35,6 @@ class TextAttention:
         self.rope = bool(rope)
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
-        bsz, n = ctx.text_mask.shape
-        queries = torch.arange(n, device=ctx.text_mask.device).expand(bsz, n)
-        rows = attention_rows(ctx, queries, self.rope)  # (B, n, n)
-        w = ctx.text_mask.float()
-        mean = (rows * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return take_visual(mean, ctx)
+        # only the text tokens' query rows: projecting and scoring every alive token's query (n x n) cost 9 % of a
+        # real-width pruned prefill (studies/results/bench_scorers.md); the text rows give the same mean
+        return mean_attention(ctx, ctx.text_mask, self.rope)

@@ -61,6 +61,7 @@ class Composite:
         self.weights = [float(m.get("weight", 1.0)) for m in members]
         self.members = [build_scorer(m["name"], dict(m.get("params") or {})) for m in members]
         self.needs_coords = any(getattr(m, "needs_coords", False) for m in self.members)
+        self.needs_time = any(getattr(m, "needs_time", False) for m in self.members)
         if any(hasattr(m, "vision_layers") for m in self.members):
             self.vision_layers = self._vision_layers
 
