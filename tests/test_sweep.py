@@ -138,6 +138,8 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     runs = tr.client.search_runs([tr.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) == 1 + len(res["cells"])
+    # the searched cells' ranking screens are in their child runs (MLflow keys sanitized: "rank(a+b)" -> "rank_a_b_")
+    assert any(k.startswith("screen_fastervlm") for r in runs for k in r.data.metrics)
 
 
 def test_readme_search_set_size_figures_come_from_the_study():

@@ -29,20 +29,40 @@ from schedsearch.runtime.scorers.base import ScoreContext, mask_indices, text_af
 TIE = 1e-5
 
 
+#: greedy_coverage recomputes the gains exactly every this many steps (between, they are updated incrementally)
+REFRESH = 32
+
+
 def greedy_coverage(cover: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, R, n) coverage matrix -> (B, n) scores: k - i for the i-th greedy pick, 0 for the rest."""
+    """(B, R, n) coverage matrix -> (B, n) scores: k - i for the i-th greedy pick, 0 for the rest.
+
+    The gain of column j is sum_r max(0, C[r, j] - best[r]). A pick raises ``best`` only on the rows it covers
+    better than the kept set does, and those shrink fast (about R / i rows at step i for Q's peaked rows), so the
+    gains are updated on those rows only: O(changed rows x n) a step instead of O(R x n) (4-5 % of a real-width
+    pruned prefill at keep 0.2 before, studies/results/bench_scorers.md). Every ``REFRESH`` steps they are
+    recomputed exactly, so float drift stays far below the ``TIE`` tolerance."""
     bsz, _, n = cover.shape
     scores = torch.zeros(bsz, n, device=cover.device)
-    best = torch.zeros(bsz, cover.shape[1], device=cover.device)
-    taken = torch.zeros(bsz, n, dtype=torch.bool, device=cover.device)
-    rows = torch.arange(bsz, device=cover.device)
-    for i in range(min(k, n)):
-        gain = (cover - best[..., None]).clamp_min(0).sum(dim=1).masked_fill(taken, float("-inf"))
-        top = gain.max(dim=1, keepdim=True).values
-        pick = (gain >= top - TIE * top.abs()).float().argmax(dim=1)  # near-ties (float noise) -> earlier token
-        scores[rows, pick] = float(k - i)
-        taken[rows, pick] = True
-        best = torch.maximum(best, cover[rows, :, pick])
+    for b in range(bsz):
+        c = cover[b]  # (R, n)
+        best = torch.zeros(c.shape[0], device=c.device)
+        taken = torch.zeros(n, dtype=torch.bool, device=c.device)
+        gain = c.clamp_min(0).sum(dim=0)
+        for i in range(min(k, n)):
+            if i and i % REFRESH == 0:
+                gain = (c - best[:, None]).clamp_min(0).sum(dim=0)
+            g = gain.masked_fill(taken, float("-inf"))
+            top = g.max()
+            pick = int((g >= top - TIE * top.abs()).float().argmax())  # near-ties (float noise) -> earlier token
+            scores[b, pick] = float(k - i)
+            taken[pick] = True
+            col = c[:, pick]
+            changed = (col > best).nonzero().squeeze(1)
+            if changed.numel():
+                part = c[changed]  # (changed rows, n)
+                old = (part - best[changed, None]).clamp_min(0).sum(dim=0)
+                best[changed] = col[changed]
+                gain -= old - (part - best[changed, None]).clamp_min(0).sum(dim=0)
     return scores
 
 
