@@ -18,12 +18,10 @@ ranks with the drop layer's OWN attention (PyramidDrop's choice).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from schedsearch.runtime.scorers.base import ScoreContext, attention_rows, take_visual
-from schedsearch.runtime.scorers.observers import PreviousLayer
+from schedsearch.runtime.scorers.observers import ReadsPreviousLayer
 
 
 def last_position(ctx: ScoreContext) -> torch.Tensor:
@@ -32,18 +30,12 @@ def last_position(ctx: ScoreContext) -> torch.Tensor:
     return torch.full((bsz, 1), n - 1, dtype=torch.long, device=ctx.key_valid.device)
 
 
-class FastV:
+class FastV(ReadsPreviousLayer):
     name = "fastv"
 
     def __init__(self, rope: bool = True):
         self.rope = bool(rope)
-        self._prev = PreviousLayer()
-
-    def attach(self, text_model: Any, view: Any) -> list:
-        return self._prev.attach(text_model, view)
-
-    def begin(self, batch_info: dict) -> None:
-        self._prev.begin()
+        super().__init__()
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         prev = self._prev.context(ctx)  # layer K-1's module, input and rotary tables (ctx itself at K = 0)

@@ -21,14 +21,12 @@ A drop is "first" when every visual token of the prefill is still alive. At K = 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from schedsearch.errors import ScheduleError
 from schedsearch.runtime.scorers.base import ScoreContext, attention_logits
 from schedsearch.runtime.scorers.fastv import last_position
-from schedsearch.runtime.scorers.observers import PreviousLayer
+from schedsearch.runtime.scorers.observers import ReadsPreviousLayer
 
 
 def grid_cells(coords: torch.Tensor) -> torch.Tensor:
@@ -50,19 +48,13 @@ def image_key_attention(ctx: ScoreContext, use_rope: bool) -> torch.Tensor:
     return torch.softmax(vis, dim=-1).nan_to_num(0.0).mean(dim=1)
 
 
-class Feather:
+class Feather(ReadsPreviousLayer):
     name = "feather"
     needs_coords = True
 
     def __init__(self, stride: int = 3, rope: bool = False):
         self.stride, self.rope = int(stride), bool(rope)
-        self._prev = PreviousLayer()
-
-    def attach(self, text_model: Any, view: Any) -> list:
-        return self._prev.attach(text_model, view)
-
-    def begin(self, batch_info: dict) -> None:
-        self._prev.begin()
+        super().__init__()
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         att = image_key_attention(self._prev.context(ctx), self.rope)

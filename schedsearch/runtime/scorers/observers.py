@@ -53,3 +53,17 @@ class PreviousLayer:
         cos, sin = (batch_rows(ctx, t.expand(bsz, *t.shape[1:])) for t in pe) if pe is not None else (ctx.cos, ctx.sin)
         h = batch_rows(ctx, h)
         return dataclasses.replace(ctx, layer=module, layer_idx=i, hidden_states=h, cos=cos, sin=sin, scratch={})
+
+
+class ReadsPreviousLayer:
+    """Base of the scorers that rank with layer l-1 at a drop before layer l (FastV, FEATHER, DART): installs
+    the :class:`PreviousLayer` observer with the runtime's hooks and resets it at every pruning prefill."""
+
+    def __init__(self) -> None:
+        self._prev = PreviousLayer()
+
+    def attach(self, text_model: Any, view: Callable[[], PrefillView | None]) -> list:
+        return self._prev.attach(text_model, view)
+
+    def begin(self, batch_info: dict) -> None:
+        self._prev.begin()
