@@ -21,7 +21,6 @@ are left out until the toy model is trained on video (see README "Video").
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,8 @@ def sample_clip(seed: int, index: int, *, qtype: str | None = None, max_objects:
 
 def write_video_dataset(out: str | Path, n: int, seed: int, *, max_objects: int = 4) -> Path:
     """Write ``n`` clips of stream ``seed`` as ``clips/NNNNN/fK.png`` + ``manifest.jsonl``; returns the manifest."""
+    from schedsearch.toy import manifest_line, write_manifest
+
     out = Path(out)
     lines = []
     for i in range(n):
@@ -112,11 +113,5 @@ def write_video_dataset(out: str | Path, n: int, seed: int, *, max_objects: int 
         (out / rel).mkdir(parents=True, exist_ok=True)
         for k, fr in enumerate(frames):
             fr.save(out / rel / f"f{k}.png", format="PNG", optimize=False)
-        rec = {"video": rel, "frames": FRAMES, "prompt": q["prompt"], "answer": q["answer"], "qtype": q["qtype"],
-               "seed": seed, "index": i}
-        if "region" in q:
-            rec["region"] = q["region"]
-        lines.append(json.dumps(rec, sort_keys=True))
-    path = out / "manifest.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+        lines.append(manifest_line({"video": rel, "frames": FRAMES}, q, seed, i))
+    return write_manifest(out, lines)
