@@ -25,7 +25,8 @@ def baseline(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: choice(DTYPES) = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
-    """Budget-matched FastV / PyramidDrop / uniform schedule in the schedule file format."""
+    """A budget-matched fixed schedule of a published method (FastV, PyramidDrop, DivPrune, FEATHER, ... ; README
+    "Budget-matched baselines") in the schedule file format."""
     from schedsearch.calibration import calibration_hash, load_manifest
     from schedsearch.devices import load_kwargs
     from schedsearch.evaluation import make_batches, token_counts
