@@ -31,6 +31,10 @@ TIE = 1e-5
 
 #: greedy_coverage recomputes the gains exactly every this many steps (between, they are updated incrementally)
 REFRESH = 32
+#: ... and at every step once the best gain falls below this fraction of the first pick's: there the gains are
+#: near zero (coverage saturated) and an incremental update's rounding could reorder near-ties, e.g. make a sample
+#: in a batch pick differently than alone
+TAIL = 1e-3
 
 
 def greedy_coverage(cover: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,7 +44,8 @@ def greedy_coverage(cover: torch.Tensor, k: int) -> torch.Tensor:
     better than the kept set does, and those shrink fast (about R / i rows at step i for Q's peaked rows), so the
     gains are updated on those rows only: O(changed rows x n) a step instead of O(R x n) (4-5 % of a real-width
     pruned prefill at keep 0.2 before, studies/results/bench_scorers.md). Every ``REFRESH`` steps they are
-    recomputed exactly, so float drift stays far below the ``TIE`` tolerance."""
+    recomputed exactly, so float drift stays far below the ``TIE`` tolerance, and at every step once the gains are
+    small (``TAIL``), where rounding would otherwise decide."""
     bsz, _, n = cover.shape
     scores = torch.zeros(bsz, n, device=cover.device)
     for b in range(bsz):
@@ -48,11 +53,14 @@ def greedy_coverage(cover: torch.Tensor, k: int) -> torch.Tensor:
         best = torch.zeros(c.shape[0], device=c.device)
         taken = torch.zeros(n, dtype=torch.bool, device=c.device)
         gain = c.clamp_min(0).sum(dim=0)
+        first = float(gain.max())
+        tail = False  # once the best gain is small, incremental updates would be mostly cancellation noise
         for i in range(min(k, n)):
-            if i and i % REFRESH == 0:
+            if i and (tail or i % REFRESH == 0):
                 gain = (c - best[:, None]).clamp_min(0).sum(dim=0)
             g = gain.masked_fill(taken, float("-inf"))
             top = g.max()
+            tail = tail or float(top) <= TAIL * first
             pick = int((g >= top - TIE * top.abs()).float().argmax())  # near-ties (float noise) -> earlier token
             scores[b, pick] = float(k - i)
             taken[pick] = True
