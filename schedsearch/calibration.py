@@ -6,7 +6,11 @@ Format (one JSON object per line; blank lines and lines starting with ``#`` are 
     {"image": "imgs/0003.png", "prompt": "What colour is the square?"}
 
 Paths are relative to the manifest's folder (absolute paths work too). ``images`` may hold
-several images per prompt; ``image`` is a shorthand for one. ``answer`` is optional; any other
+several images per prompt; ``image`` is a shorthand for one. Videos (families that take them: Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL) come the same way, ``"video": "clips/0001"`` (a folder of frames, sorted by name) or
+``"videos": ["a.mp4"]`` (decoded with PyAV), sampled to ``frames`` frames (default 8) at ``fps`` frames per
+second (default: spread evenly over the clip); both settings may be given per line or to :func:`load_manifest`
+(:mod:`schedsearch.video`). ``answer`` is optional; any other
 keys (``qtype``, ``region``, ...) are kept in ``Sample.extra``. A manifest path may be the
 ``.jsonl`` file or a folder holding ``manifest.jsonl``. Full description: calibration_data/README.md.
 
@@ -36,11 +40,22 @@ class Sample:
     answer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "manifest.jsonl:12", for error messages
+    video_paths: tuple[Path, ...] = ()
+    video_frames: int = 8  # frame sampling: at most this many frames per clip ...
+    video_fps: float | None = None  # ... at this rate (None: spread over the clip)
 
     @property
     def images(self) -> list[Any]:
         """The decoded RGB images (opened on each access; the files were verified at load time)."""
         return [_open_image(p, self.source) for p in self.image_paths]
+
+    @property
+    def videos(self) -> list[Any]:
+        """The sampled clips (:class:`schedsearch.video.Video`, decoded on each access; verified at load time)."""
+        from schedsearch.video import load_video
+
+        return [load_video(p, frames=self.video_frames, fps=self.video_fps, where=self.source)
+                for p in self.video_paths]
 
 
 def _open_image(path: Path, where: str) -> Any:
@@ -83,8 +98,11 @@ def manifest_path(path: str | Path) -> Path:
     return p
 
 
-def load_manifest(path: str | Path, *, require_images: bool = True, verify: bool = True) -> list[Sample]:
-    """Parse and check a manifest; with ``verify`` every image is decoded once so errors surface now."""
+def load_manifest(path: str | Path, *, require_images: bool = True, verify: bool = True,
+                  video_frames: int = 8, video_fps: float | None = None) -> list[Sample]:
+    """Parse and check a manifest; with ``verify`` every image and video is decoded once so errors surface now.
+
+    ``video_frames`` / ``video_fps``: frame sampling of the videos (a line's own ``frames`` / ``fps`` win)."""
     p = manifest_path(path)
     base = p.parent
     samples: list[Sample] = []
@@ -106,20 +124,37 @@ def load_manifest(path: str | Path, *, require_images: bool = True, verify: bool
             imgs = [imgs]
         if not isinstance(imgs, list) or not all(isinstance(i, str) for i in imgs):
             raise CalibrationError(f"{where}: \"images\" must be a list of paths")
-        if require_images and not imgs:
-            raise CalibrationError(f"{where}: the prompt has no image (add \"image\" or \"images\")")
+        vids = obj.get("videos", [obj["video"]] if "video" in obj else [])
+        if isinstance(vids, str):
+            vids = [vids]
+        if not isinstance(vids, list) or not all(isinstance(v, str) for v in vids):
+            raise CalibrationError(f"{where}: \"videos\" must be a list of paths (folders of frames or video files)")
+        if require_images and not imgs and not vids:
+            raise CalibrationError(f"{where}: the prompt has no image (add \"image\", \"images\" or \"video\")")
+        frames = obj.get("frames", video_frames)
+        fps = obj.get("fps", video_fps)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise CalibrationError(f"{where}: \"frames\"={frames!r} must be a whole number >= 1")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000):
+            raise CalibrationError(f"{where}: \"fps\"={fps!r} must be a number in (0, 1000] or null")
         markers = prompt.count(IMAGE_MARKER)
         if markers and markers != len(imgs):
             raise CalibrationError(f"{where}: the prompt has {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} "
                                    f"image(s); use one marker per image, or none to put the images first")
         paths = tuple((base / i) if not Path(i).is_absolute() else Path(i) for i in imgs)
+        vpaths = tuple((base / v) if not Path(v).is_absolute() else Path(v) for v in vids)
         if verify:
             for ip in paths:
                 _open_image(ip, where)
         answer = obj.get("answer")
-        extra = {k: v for k, v in obj.items() if k not in ("images", "image", "prompt", "answer")}
-        samples.append(Sample(prompt=prompt, image_paths=paths, answer=None if answer is None else str(answer),
-                              extra=extra, source=where))
+        extra = {k: v for k, v in obj.items()
+                 if k not in ("images", "image", "videos", "video", "frames", "fps", "prompt", "answer")}
+        sample = Sample(prompt=prompt, image_paths=paths, answer=None if answer is None else str(answer),
+                        extra=extra, source=where, video_paths=vpaths, video_frames=frames,
+                        video_fps=None if fps is None else float(fps))
+        if verify and vpaths:
+            sample.videos  # noqa: B018 - decodes every clip once: a bad video is reported with its line now
+        samples.append(sample)
     if not samples:
         raise CalibrationError(f"{p}: the manifest has no samples")
     return samples
@@ -132,5 +167,9 @@ def calibration_hash(samples: list[Sample]) -> str:
         h.update(json.dumps({"prompt": s.prompt, "answer": s.answer}, sort_keys=True).encode())
         for ip in s.image_paths:
             h.update(ip.read_bytes())
+        for vp in s.video_paths:  # a folder of frames: every file, in name order; and the sampling settings
+            h.update(json.dumps({"frames": s.video_frames, "fps": s.video_fps}).encode())
+            for f in (sorted(x for x in vp.iterdir() if x.is_file()) if vp.is_dir() else [vp]):
+                h.update(f.read_bytes())
         h.update(b"\0")
     return "sha256:" + h.hexdigest()[:32]

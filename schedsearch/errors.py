@@ -36,3 +36,8 @@ class ImageError(CalibrationError):
 
 class IncompatibleScheduleError(ScheduleError):
     """A valid schedule that was made for another model (layer count, fingerprint)."""
+
+
+class VideoError(CalibrationError):
+    """A video that cannot be used: missing, empty, zero frames, corrupt, frames of different sizes, or a model
+    family that takes no video."""

@@ -10,8 +10,8 @@
 * prefill time: mean wall time of a full forward (vision encoder + decoder, ``use_cache=False``) with and
   without the schedule, timed by ``torch.utils.benchmark.Timer`` (warm-up, accelerator synchronization).
 
-Samples are batched only with samples that have the same number of visual tokens (the runtime's
-requirement), left-padded by the adapter's processor.
+Samples are batched in order, whatever their image sizes and numbers of images (the runtime prunes ragged
+batches, each sample as if alone), left-padded by the adapter's processor.
 """
 
 from __future__ import annotations
@@ -53,30 +53,43 @@ class EvalReport:
         return d
 
 
+def prepare_samples(adapter: Any, chunk: Sequence[Any]) -> Any:
+    """``adapter.prepare`` for calibration samples: their images, and their videos when any has one."""
+    with_video = [s for s in chunk if getattr(s, "video_paths", ())]
+    if with_video and not getattr(adapter, "supports_video", False):
+        from schedsearch.errors import VideoError
+
+        s = with_video[0]
+        raise VideoError(f"{s.source}: video {s.video_paths[0]}: the {adapter.family} family takes no video input "
+                         "(video is supported on qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)")
+    videos = [list(s.videos) for s in chunk] if with_video else None
+    if videos is None:
+        return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk])
+    return adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk], videos=videos)
+
+
 def make_batches(adapter: Any, samples: Sequence[Any], batch_size: int = 8) -> list[Any]:
-    """Left-padded batches of samples that share a visual-token count (order kept within a group)."""
-    groups: dict[int, list[Any]] = {}
-    for s in samples:
-        one = adapter.prepare([list(s.images)], [s.prompt])
-        n_vis = int(adapter.visual_mask(one["input_ids"]).sum())
-        groups.setdefault(n_vis, []).append(s)
+    """Left-padded batches of ``batch_size`` consecutive samples, in order. Samples of one batch may have different
+    numbers of visual tokens (a ragged batch: the runtime gives each sample what it gives it alone)."""
+    batch_size = max(1, int(batch_size))
     batches = []
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batches.append(adapter.prepare([list(s.images) for s in chunk], [s.prompt for s in chunk]))
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batches.append(prepare_samples(adapter, chunk))
     return batches
 
 
-def token_counts(adapter: Any, batches: Iterable[Any]) -> list[tuple[int, int]]:
-    """(n_text, n_visual) per sample, padding excluded."""
+def token_counts(adapter: Any, batches: Iterable[Any], video: bool = False) -> list[tuple[int, ...]]:
+    """(n_text, n_visual) per sample, padding excluded; with ``video``: (n_text, n_visual, n_video)."""
     out = []
     for b in batches:
-        vis = adapter.visual_mask(b["input_ids"])
+        mod = adapter.modality_mask(b["input_ids"])
+        vis = mod > 0
         real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones_like(vis)
         for i in range(vis.shape[0]):
             n_vis = int(vis[i].sum())
-            out.append((int(real[i].sum()) - n_vis, n_vis))
+            row = (int(real[i].sum()) - n_vis, n_vis)
+            out.append(row + (int((mod[i] == 2).sum()),) if video else row)
     return out
 
 
@@ -133,7 +146,8 @@ def evaluate_schedule(adapter: Any, schedule: Any, samples: Sequence[Any], *, ba
     counts = token_counts(adapter, batches)
     ratios = list(schedule.keep_ratios)
     shape = DecoderShape.from_config(adapter.text_config)
-    budget = budget_report(shape, counts, ratios)
+    budget = budget_report(shape, token_counts(adapter, batches, video=True), ratios,
+                           modality_ratios=dict(getattr(schedule, "modality_keep_ratios", None) or {}))
     ref = last_token_states(adapter, batches)
     got = last_token_states(adapter, batches, schedule)
     disc = cosine_discrepancy(ref, got)

@@ -32,12 +32,12 @@ contract's rounding rule — so FLOPs, KV bytes and the tokens the runtime drops
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from schedsearch.errors import ScheduleError
-from schedsearch.schedule import kept_counts
+from schedsearch.schedule import kept_counts, modality_kept_counts
 
 __all__ = [
     "BUDGET_KINDS",
@@ -192,7 +192,21 @@ def layer_flops(shape: DecoderShape, n_q: int, n_kv: int | None = None, layer: i
     return proj + attn + mlp
 
 
-def _layer_tokens(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float]) -> list[int]:
+def visual_layer_counts(keep_ratios: Sequence[float], n_visual: int, n_video: int = 0,
+                        modality_ratios: Mapping[str, Sequence[float]] | None = None) -> list[int]:
+    """Visual tokens entering each layer: ``kept_counts(keep_ratios, n_visual)``, or with ``modality_ratios`` (a
+    schedule's ``modality_keep_ratios``, schema 1.4) the sum of the image (``n_visual - n_video`` tokens) and
+    video (``n_video``) counts, each by the rounding rule on its own ratios (what the runtime keeps)."""
+    if not modality_ratios:
+        return kept_counts(list(keep_ratios), n_visual)
+    if not 0 <= n_video <= n_visual:
+        raise ScheduleError(f"token counts: n_video={n_video} must be in [0, n_visual={n_visual}]")
+    per = modality_kept_counts(list(keep_ratios), modality_ratios, {"image": n_visual - n_video, "video": n_video})
+    return [a + b for a, b in zip(per["image"], per["video"], strict=True)]
+
+
+def _layer_tokens(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float],
+                  n_video: int = 0, modality_ratios: Mapping[str, Sequence[float]] | None = None) -> list[int]:
     ratios = list(keep_ratios)
     if len(ratios) != shape.num_layers:
         raise ScheduleError(
@@ -200,35 +214,40 @@ def _layer_tokens(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: 
         )
     if n_text < 0 or n_visual < 0:
         raise ScheduleError(f"token counts must be >= 0, got n_text={n_text}, n_visual={n_visual}")
-    return [n_text + k for k in kept_counts(ratios, n_visual)]
+    return [n_text + k for k in visual_layer_counts(ratios, n_visual, n_video, modality_ratios)]
 
 
-def prefill_flops(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float]) -> list[float]:
-    """Per-layer prefill FLOPs: layer l runs on n_text + kept_counts(keep_ratios, n_visual)[l] tokens."""
-    return [layer_flops(shape, n, n, i) for i, n in enumerate(_layer_tokens(shape, n_text, n_visual, keep_ratios))]
+def prefill_flops(shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float], *,
+                  n_video: int = 0, modality_ratios: Mapping[str, Sequence[float]] | None = None) -> list[float]:
+    """Per-layer prefill FLOPs: layer l runs on n_text + kept_counts(keep_ratios, n_visual)[l] tokens (with
+    ``modality_ratios``: image and video tokens counted on their own, see :func:`visual_layer_counts`)."""
+    tokens = _layer_tokens(shape, n_text, n_visual, keep_ratios, n_video, modality_ratios)
+    return [layer_flops(shape, n, n, i) for i, n in enumerate(tokens)]
 
 
 def kv_cache_bytes(
-    shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float], dtype_bytes: int = 2
+    shape: DecoderShape, n_text: int, n_visual: int, keep_ratios: Sequence[float], dtype_bytes: int = 2, *,
+    n_video: int = 0, modality_ratios: Mapping[str, Sequence[float]] | None = None,
 ) -> int:
     """KV-cache size after prefill: sum over layers of 2 (K and V) · Hkv · hd · n_l · dtype_bytes, where a
     sliding-window layer holds n_l = min(tokens, window - 1)."""
     per_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes
     total = 0
-    for i, n in enumerate(_layer_tokens(shape, n_text, n_visual, keep_ratios)):
+    for i, n in enumerate(_layer_tokens(shape, n_text, n_visual, keep_ratios, n_video, modality_ratios)):
         w = shape.window(i)
         total += per_token * (n if w is None else min(n, w - 1))
     return total
 
 
-def token_keep_fraction(keep_ratios: Sequence[float], n_visual: int) -> float:
+def token_keep_fraction(keep_ratios: Sequence[float], n_visual: int, *, n_video: int = 0,
+                        modality_ratios: Mapping[str, Sequence[float]] | None = None) -> float:
     """Layer-averaged kept visual fraction, mean_l n_l / n_visual (1.0 when there are none)."""
     ratios = list(keep_ratios)
     if not ratios:
         raise ScheduleError("schedule has no keep ratios")
     if n_visual <= 0:
         return 1.0
-    counts = kept_counts(ratios, n_visual)
+    counts = visual_layer_counts(ratios, n_visual, n_video, modality_ratios)
     return sum(counts) / (len(counts) * n_visual)
 
 
@@ -273,11 +292,12 @@ class BudgetReport:
         }
 
 
-def _counts(token_counts: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
-    pairs = [(int(t), int(v)) for t, v in token_counts]
-    if not pairs:
+def _counts(token_counts: Iterable[Sequence[int]]) -> list[tuple[int, int, int]]:
+    """(n_text, n_visual, n_video) per sample; a pair (n_text, n_visual) has no video tokens."""
+    out = [(int(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 0) for c in token_counts]
+    if not out:
         raise ScheduleError("token_counts is empty: need at least one (n_text, n_visual) sample")
-    return pairs
+    return out
 
 
 def budget_report(
@@ -285,8 +305,11 @@ def budget_report(
     token_counts: Iterable[Sequence[int]],
     keep_ratios: Sequence[float],
     dtype_bytes: int = 2,
+    modality_ratios: Mapping[str, Sequence[float]] | None = None,
 ) -> BudgetReport:
-    """Aggregate cost of ``keep_ratios`` over samples given as (n_text, n_visual) pairs.
+    """Aggregate cost of ``keep_ratios`` over samples given as (n_text, n_visual) pairs, or (n_text, n_visual,
+    n_video) triples where ``n_video`` of the visual tokens are video tokens; ``modality_ratios`` (a schedule's
+    ``modality_keep_ratios``) then counts image and video tokens on their own ratios, as the runtime keeps them.
 
     flops_ratio and kv_ratio are pruned/unpruned totals summed over samples (so long samples
     weigh more, as they do in wall time); token_ratio is kept visual tokens (layer-averaged)
@@ -300,14 +323,15 @@ def budget_report(
     kept = 0.0
     vis = 0
     per_layer = [0.0] * shape.num_layers
-    for n_text, n_visual in pairs:
-        layer = prefill_flops(shape, n_text, n_visual, ratios)
+    mods = dict(modality_ratios or {})
+    for n_text, n_visual, n_video in pairs:
+        layer = prefill_flops(shape, n_text, n_visual, ratios, n_video=n_video, modality_ratios=mods)
         per_layer = [a + b for a, b in zip(per_layer, layer, strict=False)]
         flops += sum(layer)
         flops_full += sum(prefill_flops(shape, n_text, n_visual, full))
-        kv += kv_cache_bytes(shape, n_text, n_visual, ratios, dtype_bytes)
+        kv += kv_cache_bytes(shape, n_text, n_visual, ratios, dtype_bytes, n_video=n_video, modality_ratios=mods)
         kv_full += kv_cache_bytes(shape, n_text, n_visual, full, dtype_bytes)
-        kept += token_keep_fraction(ratios, n_visual) * n_visual
+        kept += token_keep_fraction(ratios, n_visual, n_video=n_video, modality_ratios=mods) * n_visual
         vis += n_visual
     return BudgetReport(
         flops_ratio=flops / flops_full if flops_full else 1.0,

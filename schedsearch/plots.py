@@ -348,7 +348,8 @@ def study_figures(result: Any, schedule: Any = None, adapter: Any = None, sample
             figs["param_importances.png"] = importance_plot(study, title=f"Parameter importances at {budget}")
         except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials / no searched parameter
             pass
-    if schedule is not None and adapter is not None and sample is not None:
+    if schedule is not None and adapter is not None and sample is not None and getattr(sample, "image_paths", (1,)):
+        # (a video-only sample has no image to draw the overlay on)
         from schedsearch.evaluation import survival_grid
 
         grid = survival_grid(adapter, schedule, sample.images, sample.prompt)

@@ -49,14 +49,18 @@ __all__ = [
     "ScheduleVersionWarning",
     "ScheduleCompatibilityWarning",
     "kept_counts",
+    "modality_kept_counts",
+    "MODALITIES",
     "load_schedule",
     "check_compatible",
     "make_provenance",
 ]
 
-# 1.3 (2026-12): "composite" (combinations of rankings); 1.2 (2026-12): the field's rankings (issue 13);
-# 1.1 (2026-11): "diverse"; 1.0: first
-SCHEMA_VERSION = "1.3"
+# 1.4 (2026-12): per-modality keep ratios + temporal rankings (issue 17); 1.3: composite + the references'
+# own rules (fastv, divprune, feather, vflow); 1.2 (2026-12): the field's rankings (issue 13); 1.1 (2026-11):
+# "diverse"; 1.0: first
+SCHEMA_VERSION = "1.4"
+MODALITIES = ("image", "video")  # keys of modality_keep_ratios (since 1.4)
 _MAJOR = 1
 SCORER_NAMES = scorer_names()  # the registry in scorer_specs.py (one row per ranking)
 BUDGET_KINDS = ("flops", "tokens", "kv")
@@ -80,6 +84,20 @@ def kept_counts(keep_ratios: list[float] | tuple[float, ...], n_visual: int) -> 
     KV bytes and the tokens actually dropped agree. n_l = min(n_visual, floor(r_l * n_visual + 0.5)).
     """
     return [min(n_visual, max(0, math.floor(float(r) * n_visual + 0.5))) for r in keep_ratios]
+
+
+def modality_kept_counts(keep_ratios: list[float] | tuple[float, ...], modality_ratios: Mapping[str, Any] | None,
+                         n_by_modality: Mapping[str, int]) -> dict[str, list[int]] | list[int]:
+    """Kept visual tokens entering each layer, per modality when the schedule has modality ratios (since 1.4).
+
+    Without ``modality_ratios`` (empty or None) the rule is the one-ratio rule over all visual tokens together:
+    a plain list ``kept_counts(keep_ratios, sum(n_by_modality.values()))``. With them, every modality in
+    ``n_by_modality`` gets ``kept_counts(modality_ratios.get(m, keep_ratios), n_m)`` (a modality without its own
+    list follows ``keep_ratios``), returned as ``{modality: counts}``; the total a layer sees is their sum.
+    """
+    if not modality_ratios:
+        return kept_counts(keep_ratios, sum(int(n) for n in n_by_modality.values()))
+    return {m: kept_counts(modality_ratios.get(m, keep_ratios), int(n)) for m, n in n_by_modality.items()}
 
 
 # ---------------------------------------------------------------------------------- value checks
@@ -464,6 +482,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "provenance": Provenance,
 }
 _NULLABLE = ("recycling", "objective")
+_OPTIONAL_TOP = ("modality_keep_ratios",)  # since 1.4; written only when set, so older files round-trip unchanged
 _REQUIRED_TOP = ("schema_version", "keep_ratios", "scorer", "model", "budget", "method", "provenance")
 
 
@@ -475,6 +494,11 @@ class Schedule:
     decoder layer ``l``: one per decoder layer, each in [0, 1], non-increasing with depth.
     Nested sections accept dicts (``model={"family": ..., ...}``) and are converted.
     ``extra`` holds top-level keys this version does not know (kept for round trips).
+
+    ``modality_keep_ratios`` (since 1.4, optional): ``{"image": [...], "video": [...]}`` gives a modality its own
+    cumulative ratios per layer (same rules as ``keep_ratios``); then every modality is counted and pruned on its
+    own (:func:`modality_kept_counts`) and a modality without a list follows ``keep_ratios``. Empty (the default,
+    and every older file): one ratio for all visual tokens together.
     """
 
     keep_ratios: tuple[float, ...]
@@ -487,6 +511,7 @@ class Schedule:
     provenance: Provenance = field(default_factory=make_provenance)
     schema_version: str = SCHEMA_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    modality_keep_ratios: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _parse_version(self.schema_version)
@@ -499,34 +524,30 @@ class Schedule:
             if not isinstance(value, cls):
                 raise ScheduleError(f"{name}={_show(value)} must be a JSON object ({cls.__name__})")
             _set(self, name, value)
-        ratios = self.keep_ratios
-        if isinstance(ratios, (str, bytes, Mapping)) or not hasattr(ratios, "__iter__"):
-            raise ScheduleError(f"keep_ratios={_show(ratios)} must be a list with one ratio per decoder layer")
-        ratios = tuple(ratios)
-        if not ratios:
-            raise ScheduleError("keep_ratios is empty: give one ratio per decoder layer")
-        fixed = []
-        for i, r in enumerate(ratios):
-            r = _number(r, f"keep_ratios[{i}]", "write a fraction in [0, 1]")
-            if not 0.0 <= r <= 1.0:
-                raise ScheduleError(
-                    f"keep_ratios[{i}]={r} is outside [0, 1]: "
-                    "a ratio is the kept fraction of the original visual tokens"
-                )
-            if fixed and r > fixed[-1]:
-                raise ScheduleError(
-                    f"keep_ratios[{i}]={r} is larger than keep_ratios[{i - 1}]={fixed[-1]}: "
-                    "ratios must be non-increasing with depth (dropped tokens do not come back)"
-                )
-            fixed.append(r)
+        fixed = _ratio_list(self.keep_ratios, "keep_ratios")
         _set(self, "keep_ratios", tuple(fixed))
         if len(fixed) != self.model.num_layers:
             raise ScheduleError(
                 f"keep_ratios has {len(fixed)} entries but model.num_layers={self.model.num_layers}: "
                 "give exactly one ratio per decoder layer"
             )
+        mods = self.modality_keep_ratios
+        if mods is None:
+            mods = {}
+        if not isinstance(mods, Mapping):
+            raise ScheduleError(f"modality_keep_ratios={_show(mods)} must be a JSON object like "
+                                "{\"video\": [ratios per layer]}")
+        checked: dict[str, tuple[float, ...]] = {}
+        for name, lst in mods.items():
+            _choice(name, "modality_keep_ratios key", MODALITIES)
+            got = _ratio_list(lst, f"modality_keep_ratios.{name}")
+            if len(got) != len(fixed):
+                raise ScheduleError(f"modality_keep_ratios.{name} has {len(got)} entries but keep_ratios has "
+                                    f"{len(fixed)}: give one ratio per decoder layer")
+            checked[name] = tuple(got)
+        _set(self, "modality_keep_ratios", types.MappingProxyType(checked))
         extra = _mapping(self.extra, "extra")
-        clash = sorted(set(extra) & set(_REQUIRED_TOP + _NULLABLE + ("extra",)))
+        clash = sorted(set(extra) & set(_REQUIRED_TOP + _NULLABLE + _OPTIONAL_TOP + ("extra",)))
         if clash:
             raise ScheduleError(f"extra repeats the field {clash[0]!r}: set it directly, not through extra")
         _set(self, "extra", extra)
@@ -544,6 +565,8 @@ class Schedule:
         for name in _SECTIONS:
             value = getattr(self, name)
             out[name] = None if value is None else value.to_dict()
+        if self.modality_keep_ratios:
+            out["modality_keep_ratios"] = {k: list(v) for k, v in self.modality_keep_ratios.items()}
         out.update(_thaw(self.extra))
         return out
 
@@ -576,7 +599,9 @@ class Schedule:
                 kwargs[name] = None
                 continue
             kwargs[name] = section._from_dict(value, unknown)
-        extra = {k: v for k, v in data.items() if k not in kwargs}
+        if data.get("modality_keep_ratios") is not None:
+            kwargs["modality_keep_ratios"] = data["modality_keep_ratios"]
+        extra = {k: v for k, v in data.items() if k not in kwargs and k not in _OPTIONAL_TOP}
         unknown[:0] = sorted(extra)
         if unknown:
             _, our_minor = _parse_version(SCHEMA_VERSION)
@@ -639,6 +664,12 @@ class Schedule:
         n = _integer(n_visual, "n_visual", low=0)
         return kept_counts(self.keep_ratios, n)
 
+    def modality_kept_counts(self, n_image: int = 0, n_video: int = 0) -> dict[str, list[int]] | list[int]:
+        """:func:`modality_kept_counts` for this schedule (a list when it has one ratio for all visual tokens)."""
+        return modality_kept_counts(self.keep_ratios, self.modality_keep_ratios,
+                                    {"image": _integer(n_image, "n_image", low=0),
+                                     "video": _integer(n_video, "n_video", low=0)})
+
     def drop_layers(self) -> tuple[int, ...]:
         """Layers where the kept count may fall: ratio below the previous layer's (layer 0: below 1.0)."""
         out, prev = [], 1.0
@@ -674,10 +705,35 @@ class Schedule:
             f"scorer {scorer}; method {self.method.name}; model {self.model.name} "
             f"({self.model.family}, fingerprint {self.model.fingerprint or '-'})"
         )
+        for name, lst in self.modality_keep_ratios.items():
+            text += f"; {name} tokens pruned on their own (ratio {lst[0]:.4g} at layer 0 to {lst[-1]:.4g})"
         if self.objective is not None:
             split = f" on {self.objective.split}" if self.objective.split else ""
             text += f"; objective {self.objective.name}={self.objective.value:.4g}{split}"
         return text + f"; schema {self.schema_version}."
+
+
+def _ratio_list(ratios: Any, where: str) -> list[float]:
+    """A list of ratios in [0, 1], non-increasing with depth (one-line ScheduleError naming ``where``)."""
+    if isinstance(ratios, (str, bytes, Mapping)) or not hasattr(ratios, "__iter__"):
+        raise ScheduleError(f"{where}={_show(ratios)} must be a list with one ratio per decoder layer")
+    ratios = tuple(ratios)
+    if not ratios:
+        raise ScheduleError(f"{where} is empty: give one ratio per decoder layer")
+    fixed: list[float] = []
+    for i, r in enumerate(ratios):
+        r = _number(r, f"{where}[{i}]", "write a fraction in [0, 1]")
+        if not 0.0 <= r <= 1.0:
+            raise ScheduleError(
+                f"{where}[{i}]={r} is outside [0, 1]: a ratio is the kept fraction of the original visual tokens"
+            )
+        if fixed and r > fixed[-1]:
+            raise ScheduleError(
+                f"{where}[{i}]={r} is larger than {where}[{i - 1}]={fixed[-1]}: "
+                "ratios must be non-increasing with depth (dropped tokens do not come back)"
+            )
+        fixed.append(r)
+    return fixed
 
 
 def _unreadable(err: BaseException) -> str:

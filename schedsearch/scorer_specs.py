@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Bool", "Choice", "Float", "Int", "ParamError", "Parts", "ScorerSpec", "SCORERS", "scorer_names",
+__all__ = ["Bool", "Choice", "Float", "Int", "Members", "ParamError", "ScorerSpec", "SCORERS", "scorer_names",
            "resolve_params"]
 
 
@@ -96,45 +96,52 @@ class Choice:
         return f"one of {', '.join(self.values)}, default {self.default}"
 
 
+#: rankings that cannot be a composite's criteria: composites nest no composite; external's and vflow's map is
+#: wired by the runtime to the top-level scorer only
+NOT_MEMBERS = ("composite", "external", "vflow")
+
+
 @dataclass(frozen=True)
-class Parts:
-    """A list of 2..``high`` rankings, each ``{"name": ..., "params": {...}, "weight": w}`` (a composite's parts).
+class Members:
+    """A composite's criteria: a list of ``{"name": scorer, "params": {...}, "weight": w > 0}`` (params and weight
+    optional; weight default 1). Each member's params are checked against its own row; a composite cannot contain
+    another composite, nor ``external`` or ``vflow`` (whose map the runtime wires to the top-level scorer only)."""
 
-    Every part is checked like a top-level scorer section (its name against this registry, its params against
-    that row); ``exclude`` names that cannot be parts (the composite itself, ``external``); weight in (0, 1e3].
-    The checked value is a list of plain dicts with defaults filled in."""
+    default: tuple = ()
+    max_members: int = 8
 
-    default: tuple
-    high: int = 3
-    exclude: tuple[str, ...] = ()
-
-    def check(self, value: Any, where: str) -> list[dict[str, Any]]:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or \
-                not 2 <= len(value) <= self.high:
-            raise ParamError(f"{where}={_show(value)} is not a list of 2 to {self.high} rankings, e.g. "
-                             '[{"name": "diverse"}, {"name": "fastervlm", "weight": 0.5}]')
+    def check(self, value: Any, where: str) -> list[dict]:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ParamError(f"{where}={_show(value)} is not a list of criteria: write a non-empty list of "
+                             '{"name": ..., "params": {...}, "weight": ...} objects')
+        if len(value) > self.max_members:
+            raise ParamError(f"{where} has {len(value)} criteria: at most {self.max_members}")
         out = []
-        for i, part in enumerate(value):
+        for i, m in enumerate(value):
             at = f"{where}[{i}]"
-            if not isinstance(part, Mapping):
-                raise ParamError(f"{at}={_show(part)} is not an object with a ranking name")
-            unknown = sorted(set(part) - {"name", "params", "weight"})
-            if unknown:
-                raise ParamError(f"{at}.{unknown[0]} is not known: a part has name, params and weight")
-            name = part.get("name")
-            if name in self.exclude:
-                raise ParamError(f"{at}.name={_show(name)} cannot be a part: use one of the other rankings")
-            params = resolve_params(name, part.get("params"), f"{at}.params") if name in SCORERS else None
-            if params is None:
-                raise ParamError(f"{at}.name={_show(name)} is not known: use one of "
-                                 f"{', '.join(n for n in SCORERS if n not in self.exclude)}")
-            weight = Float(1.0, low=1e-6, high=1e3).check(1.0 if part.get("weight") is None else part["weight"],
-                                                         f"{at}.weight")
-            out.append({"name": name, "params": params, "weight": weight})
+            if not isinstance(m, Mapping):
+                raise ParamError(f"{at}={_show(m)} is not an object: write {{\"name\": ..., \"params\": {{...}}}}")
+            extra = sorted(set(m) - {"name", "params", "weight"})
+            if extra:
+                raise ParamError(f"{at}.{extra[0]} is not a criterion field (known: name, params, weight)")
+            name = m.get("name")
+            if name in NOT_MEMBERS:
+                raise ParamError(f"{at}.name={name!r} cannot be a criterion of a composite: use one of the rankings")
+            if not isinstance(name, str) or name not in SCORERS:
+                known = ", ".join(n for n in SCORERS if n not in NOT_MEMBERS)
+                raise ParamError(f"{at}.name={_show(name)} is not known: use one of {known}")
+            params = m.get("params")
+            if params is not None and not isinstance(params, Mapping):
+                raise ParamError(f"{at}.params={_show(params)} is not an object")
+            weight = m.get("weight", 1.0)
+            weight = 1.0 if weight is None else Float(1.0, low=0.0, high=1e6).check(weight, f"{at}.weight")
+            if weight <= 0:
+                raise ParamError(f"{at}.weight={weight} must be > 0")
+            out.append({"name": name, "params": resolve_params(name, params, f"{at}.params"), "weight": weight})
         return out
 
     def describe(self) -> str:
-        return f"list of 2 to {self.high} rankings {{name, params, weight}}"
+        return 'list of {"name", "params", "weight"} criteria (1-8, no composite/external/vflow)'
 
 
 @dataclass(frozen=True)
@@ -214,13 +221,39 @@ SCORERS: dict[str, ScorerSpec] = {
         "schedsearch.runtime.scorers.hired:HiRED",
         {"alpha": Float(0.5, low=0.0, high=1.0), "early_layer": _VLAYER(0), "late_layer": _VLAYER(-2)},
         since="1.2", summary="HiRED: budget split over the base view and tiles by early [CLS] attention, top late"),
-    # --- schema 1.3: combinations of the rankings above (what `--scorer auto` searches over, besides them)
+    # --- schema 1.3: composites of criteria and the references' own rules (issue 13, "make the names true")
     "composite": ScorerSpec(
         "schedsearch.runtime.scorers.composite:Composite",
-        {"parts": Parts(({"name": "last_token_attention", "params": {"rope": False}}, {"name": "uniform"}),
-                        exclude=("composite", "external")),
-         "mode": Choice("rank", ("rank", "union"))}, since="1.3",
-        summary="weighted combination of 2-3 rankings: rank fusion, or a union of their top picks by weight"),
+        {"members": Members(({"name": "last_token_attention", "params": {"rope": False}, "weight": 1.0},
+                             {"name": "uniform", "params": {}, "weight": 1.0})),
+         "mode": Choice("union", ("union", "rank"))}, since="1.3",
+        summary="several criteria at once: union of per-criterion top-k shares, or a weighted rank ensemble"),
+    "fastv": ScorerSpec(
+        "schedsearch.runtime.scorers.fastv:FastV", {"rope": Bool(True)}, since="1.3",
+        summary="FastV's rule: the last token's attention returned by the layer before the drop"),
+    "divprune": ScorerSpec(
+        "schedsearch.runtime.scorers.divprune:DivPrune", since="1.3",
+        summary="DivPrune's rule: greedy max-min cosine diversity from the token whose nearest neighbour is farthest"),
+    "feather": ScorerSpec(
+        "schedsearch.runtime.scorers.feather:Feather", {"stride": Int(3, 0, 64), "rope": Bool(False)}, since="1.3",
+        summary="FEATHER's rule: a stride grid united with RoPE-free last-token attention of the layer before"),
+    "vflow": ScorerSpec(
+        "schedsearch.runtime.scorers.vflow:VFlow",
+        {"t": Float(1.0, low=0.0, high=1e3), "alpha": Float(0.0, low=-1e3, high=1e3), "cell": Int(3, 0, 64)},
+        since="1.3", summary="VFlowOpt: vision-attention importance; at the first drop each cell's pruned tokens "
+        "merge into their most important one, which is kept"),
+    # --- schema 1.4: video rankings (issue 17); they read each token's clip and frame (video families only)
+    "evs": ScorerSpec(
+        "schedsearch.runtime.scorers.evs:EVS", since="1.4",
+        summary="EVS (vLLM's Efficient Video Sampling): dissimilarity to the same cell of the previous frame"),
+    "holitom": ScorerSpec(
+        "schedsearch.runtime.scorers.holitom:HoliTom",
+        {"tau": Float(0.8, low=-1.0, high=1.0), "max_window": Int(8, 2, 1024), "beta": Float(0.6, low=0.0, high=1.0)},
+        since="1.4", summary="HoliTom: static cells of DP-segmented frame windows merged over time, the rest in space"),
+    "vidcom2": ScorerSpec(
+        "schedsearch.runtime.scorers.vidcom2:VidCom2",
+        {"temperature": Float(0.01, low=1e-4, high=1e3), "channel_ratio": Float(0.5, low=0.01, high=1.0)},
+        since="1.4", summary="VidCom2: per-frame budgets by frame distinctiveness, then the most distinct tokens"),
 }
 
 
@@ -244,7 +277,9 @@ def resolve_params(name: str, params: Mapping[str, Any] | None, where: str = "sc
     out: dict[str, Any] = {}
     for key, kind in spec.params.items():
         value = given.get(key)
-        if value is None and isinstance(kind, Parts):  # the default parts get their own defaults filled in
-            value = kind.default
-        out[key] = kind.default if value is None else kind.check(value, f"{where}.{key}")
+        if value is None:
+            value = kind.check(list(kind.default), f"{where}.{key}") if isinstance(kind, Members) else kind.default
+            out[key] = value
+        else:
+            out[key] = kind.check(value, f"{where}.{key}")
     return out

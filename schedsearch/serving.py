@@ -7,10 +7,12 @@ Request (MLflow's scoring protocol)::
 
     POST /invocations
     {"dataframe_records": [{"prompt": "What is in the top-left corner?", "image": "<base64 PNG/JPEG>"}],
-     "params": {"max_new_tokens": 32}}
+     "params": {"max_new_tokens": 32, "batch_size": 8}}
 
 ``image`` may be replaced by ``images``: a list of base64 images for one prompt. The response is
 ``{"predictions": ["generated text", ...]}``, one per record, greedy decoding with the schedule applied.
+Records are generated ``batch_size`` at a time, whatever their image sizes and numbers of images (ragged
+batches: each record's text is the one it gets alone).
 
 The base model is NOT copied into the registry: the pyfunc stores its reference (an alias, a
 directory or a hub id, resolved with :func:`schedsearch.models.load_model` on the serving host) and
@@ -75,23 +77,38 @@ def encode_image(image: Any, fmt: str = "PNG") -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def generate(adapter: Any, schedule: Any, records: list[dict], max_new_tokens: int = 32) -> list[str]:
-    """Greedy generation with ``schedule`` applied, one record at a time (records may differ in image size)."""
+def generate(adapter: Any, schedule: Any, records: list[dict], max_new_tokens: int = 32,
+             batch_size: int = 8) -> list[str]:
+    """Greedy generation with ``schedule`` applied, ``batch_size`` records per ``generate()`` call, in order.
+
+    Records of one batch may differ in image size and number of images (a ragged batch: each record gets the
+    text it gets alone); records without images are batched among themselves (a processor may not mix them).
+    """
     import torch
 
     from schedsearch.runtime import apply_schedule
 
     tok = adapter.processor.tokenizer if hasattr(adapter.processor, "tokenizer") else adapter.processor
-    out = []
-    for rec in records:
+    parsed = []
+    for rec in records:  # every record is checked before any generation
         imgs = rec.get("images")
         if imgs is None or (not isinstance(imgs, (list, tuple)) and not hasattr(imgs, "__len__")):
             imgs = [rec["image"]] if rec.get("image") is not None else []
         images = [_decode_image(i) if isinstance(i, str) else i for i in imgs]
-        batch = adapter.prepare([images], [_check_prompt(rec.get("prompt"))])
-        with torch.no_grad(), apply_schedule(adapter.model, schedule, adapter=adapter):
-            seq = adapter.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False)
-        out.append(tok.decode(seq[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        parsed.append((images, _check_prompt(rec.get("prompt"))))
+    size = max(1, int(batch_size))
+    out: list[str] = [""] * len(parsed)
+    for with_images in (True, False):
+        idx = [i for i, (images, _) in enumerate(parsed) if bool(images) == with_images]
+        for k in range(0, len(idx), size):
+            chunk = idx[k:k + size]
+            batch = adapter.prepare([parsed[i][0] for i in chunk], [parsed[i][1] for i in chunk])
+            kw = {"pad_token_id": tok.pad_token_id} if getattr(tok, "pad_token_id", None) is not None else {}
+            with torch.no_grad(), apply_schedule(adapter.model, schedule, adapter=adapter):
+                seq = adapter.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False, **kw)
+            texts = tok.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                out[i] = text
     return out
 
 
@@ -123,7 +140,9 @@ def _python_model_class() -> type:
 
         def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
             records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
-            return generate(self.adapter, self.schedule, records, int((params or {}).get("max_new_tokens", 32)))
+            params = params or {}
+            return generate(self.adapter, self.schedule, records, int(params.get("max_new_tokens", 32)),
+                            int(params.get("batch_size", 8)))
 
     return ScheduledVLM
 
@@ -159,7 +178,7 @@ def register(schedule_path: str, name: str, model_ref: str, tracking_uri: str | 
     example = [{"prompt": "what is in the image?", "image": ""}]
     import pandas as pd
 
-    signature = infer_signature(pd.DataFrame(example), ["text"], params={"max_new_tokens": 32})
+    signature = infer_signature(pd.DataFrame(example), ["text"], params={"max_new_tokens": 32, "batch_size": 8})
     cls = _python_model_class()
     mlflow.set_experiment("schedsearch-serving")
     with warnings.catch_warnings():

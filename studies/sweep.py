@@ -275,7 +275,8 @@ def run_sweep(adapter: Any, calibration: Sequence[Any], heldout: Sequence[Any], 
     t_start = time.perf_counter()
     calib = list(calibration)[: preset.n_calibration] if preset.n_calibration else list(calibration)
     heldout = list(heldout)
-    vflow = "vflow" in preset.methods
+    # VFlowOpt's maps: the vflow method, and the vflow ranking that --scorer auto's screen tries
+    vflow = "vflow" in preset.methods or hasattr(adapter, "vision_attention")
     obj = Objective(adapter, calib, heldout_fraction=0.0, seed=preset.seed, batch_size=preset.batch_size,
                     vision_maps=vflow)
     from schedsearch.toy.eval import prepare_groups
@@ -427,7 +428,7 @@ def summary_lines(results: dict) -> list[str]:
         from_screen = sc.get("name", "?")
         if from_screen == "composite":
             from_screen = "composite " + (sc.get("params") or {}).get("mode", "rank") + " of " + "+".join(
-                p["name"] for p in (sc.get("params") or {}).get("parts", []))
+                p["name"] for p in (sc.get("params") or {}).get("members", []))
         out.append(
             f"| {r['budget']} | {r['searched']} ({from_screen}) | {_f(r['discrepancy'], 4)} | "
             f"{r.get('peer_discrepancy_method', '–')} | {_f(r.get('peer_discrepancy'), 4)} | "

@@ -32,6 +32,14 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "sparsevlm": ({}, False, False),
     "sparsevlm/plain": ({"recycle": False}, False, False),
     "hired": ({}, True, True),
+    # schema 1.3: composites and the references' own rules
+    "composite": ({}, False, False),
+    "fastv": ({}, False, False),
+    "fastv/norope": ({"rope": False}, False, False),
+    "divprune": ({}, True, False),
+    "feather": ({}, False, True),
+    "composite/rank": ({"mode": "rank", "members": [{"name": "diverse", "params": {"spatial": 4.0}},
+                                                    {"name": "text_attention", "weight": 2.0}]}, False, True),
 }
 
 

@@ -90,7 +90,7 @@ def test_json_layout_sorted_keys_two_space_indent() -> None:
     data = json.loads(text)
     assert text == json.dumps(data, sort_keys=True, indent=2) + "\n"
     assert list(data) == sorted(data)
-    assert data["schema_version"] == SCHEMA_VERSION == "1.3"
+    assert data["schema_version"] == SCHEMA_VERSION == "1.4"
     assert data["recycling"] is None and data["objective"] is None
 
 
@@ -345,7 +345,7 @@ def test_unknown_major_is_refused(tmp_path: Path) -> None:
 
 def test_unknown_newer_minor_keys_warn_and_survive(tmp_path: Path) -> None:
     data = good_dict()
-    newer = f"1.{int(SCHEMA_VERSION.split('.')[1]) + 1}"  # a minor this reader does not know yet
+    newer = f"1.{int(SCHEMA_VERSION.split('.')[1]) + 1}"  # one minor above this schedsearch
     data["schema_version"] = newer
     data["tiling"] = {"tiles": [2, 2], "note": f"added in {newer}"}
     data["budget"]["latency_ms"] = 12.5

@@ -120,7 +120,7 @@ def test_written_schedules_carry_the_current_schema_version(tiny_dir, tmp_path):
 
     ad = load_model(tiny_dir("qwen2_5_vl"))
     sched = schedule_for(ad, [1.0] + [0.5] * (ad.num_layers - 1), scorer="diverse", params={"spatial": 4.0})
-    assert sched.schema_version == SCHEMA_VERSION == "1.3"
+    assert sched.schema_version == SCHEMA_VERSION == "1.4"
     sched.save(tmp_path / "s.json")
     assert load_schedule(tmp_path / "s.json").scorer.name == "diverse"
 

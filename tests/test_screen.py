@@ -62,15 +62,25 @@ def test_screen_scores_every_candidate_once_and_is_cached(objective):
         again = scr.screen(objective, "flops", 0.6)
     finally:
         del objective.score
-    assert n == len(scr.screen_candidates()) and len(calls) == n  # the second screen came from the cache
+    shapes = scr.profiles(objective, "flops", 0.6)
+    assert set(shapes) == {"flat", "late"}  # a budget the late profile reaches
+    # a served ranking once per profile, a refused one until its refusal; the second screen came from the cache
+    assert n == sum(len(r["values"]) if r["value"] is not None else 1 for r in rows) and len(calls) == n
+    assert len(rows) == len(scr.screen_candidates())
     assert [r["label"] for r in rows] == [r["label"] for r in again]
     ok = [r["value"] for r in rows if r["value"] is not None]
     assert ok == sorted(ok) and len(ok) >= 10  # best first; the Qwen tiny model serves nearly every ranking
     for r in rows:
         assert (r["value"] is None) == ("error" in r) and r["seconds"] >= 0
+        if r["value"] is not None:  # a ranking's value is its best profile
+            assert r["value"] == min(r["values"].values()) == r["values"][r["profile"]]
     # the flat schedule it used is budget-matched
     ratios = scr.flat_ratios(objective, "flops", 0.6)
     assert len(set(ratios)) == 1 and objective.budget_fn("flops")(ratios) <= 0.6 + 1e-12
+    late = shapes["late"]  # every token up to L/4, then one ratio, also budget-matched
+    k = max(1, round(len(late) / 4))
+    assert late[:k] == [1.0] * k and len(set(late[k:])) == 1 and late[k] < 1.0
+    assert objective.budget_fn("flops")(late) <= 0.6 + 1e-12
 
 
 def test_auto_study_searches_the_screened_choices_and_records_the_screen(objective):

@@ -25,7 +25,8 @@ def baseline(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: choice(DTYPES) = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
-    """Budget-matched FastV / PyramidDrop / uniform schedule in the schedule file format."""
+    """A budget-matched fixed schedule of a published method (FastV, PyramidDrop, DivPrune, FEATHER, ... ; README
+    "Budget-matched baselines") in the schedule file format."""
     from schedsearch.calibration import calibration_hash, load_manifest
     from schedsearch.devices import load_kwargs
     from schedsearch.evaluation import make_batches, token_counts
@@ -39,13 +40,20 @@ def baseline(
     StudySettings(budget=budget, kind=budget_kind).validate()
     adapter = load_model(model, **load_kwargs(device, dtype))
     samples = load_manifest(calibration or _default_calibration(model))
-    counts = token_counts(adapter, make_batches(adapter, samples))
+    batches = make_batches(adapter, samples)
+    counts = token_counts(adapter, batches)
     shape = DecoderShape.from_config(adapter.text_config)
 
     def bfn(ratios):
         return budget_report(shape, counts, list(ratios)).value(budget_kind)
 
-    ctx = SearchContext(num_layers=adapter.num_layers, budget_fn=bfn, target=budget, kind=budget_kind)
+    grid_share = None
+    if name == "feather":  # the union's size depends on the grid's share of the tokens (search/fixed.py)
+        from schedsearch.search.fixed import feather_grid_share, image_grids
+
+        grid_share = feather_grid_share(image_grids(adapter, batches))
+    ctx = SearchContext(num_layers=adapter.num_layers, budget_fn=bfn, target=budget, kind=budget_kind,
+                        grid_share=grid_share)
     try:
         cand = baseline_candidate(name, ctx)
     except InfeasibleBudget as err:

@@ -36,7 +36,8 @@ AYA_SPECS: dict[str, FamilySpec] = {
 class AyaVisionAdapter(VLMAdapter):
     spec = AYA_SPECS["aya_vision"]
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         return chat_batch(self.processor, images, prompts).to(self.model.device)
 
     def rotary(self, layer_idx: int) -> Any:

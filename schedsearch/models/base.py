@@ -46,25 +46,32 @@ class FamilySpec:
     #: False where visual_coords needs batch keys that generate() hands only to the image encoder (LLaVA-NeXT's
     #: and OneVision's image_sizes): schedules that need token positions then work with model(**batch) only
     positions_in_generate: bool = True
+    #: how the family takes video ("" = it takes none: prepare refuses videos in one line, and the runtime refuses
+    #: a batch with ``pixel_values_videos``): "qwen2" (video grid + mm_token_type_ids 2), "qwen2.5" (also
+    #: second_per_grid_ts), "qwen3" (one timestamped segment per temporal patch); attribute of the video token id
+    video: str = ""
+    video_token_attr: str = "video_token_id"
 
 
 #: Where a prompt wants its images: ``"what is in <image> ?"``. Without markers, images go before the text.
 IMAGE_MARKER = "<image>"
 
 
-def chat_content(prompt: str, n_images: int) -> list[dict]:
+def chat_content(prompt: str, n_images: int, n_videos: int = 0) -> list[dict]:
     """The user turn's content list for ``prompt`` and its ``n_images`` images, for a chat template.
 
     Images take the places of the prompt's ``<image>`` markers, in order (text pieces are stripped); a prompt
     without markers gets all images before its text, the usual VLM layout. A marker count that differs from
-    the number of images is a ValueError (the manifest loader reports it with file and line first).
+    the number of images is a ValueError (the manifest loader reports it with file and line first). Videos
+    (``n_videos``) go after the images and before the text.
     """
     parts = prompt.split(IMAGE_MARKER)
+    videos = [{"type": "video"} for _ in range(n_videos)]
     if len(parts) == 1:
-        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        return [{"type": "image"} for _ in range(n_images)] + videos + [{"type": "text", "text": prompt}]
     if len(parts) - 1 != n_images:
         raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} marker(s) but {n_images} image(s)")
-    content: list[dict] = []
+    content: list[dict] = list(videos)
     for k, part in enumerate(parts):
         if part.strip():
             content.append({"type": "text", "text": part.strip()})
@@ -169,13 +176,47 @@ class VLMAdapter:
         return config_fingerprint(self.model.config.to_dict())
 
     # ---------------------------------------------------------------- batches
-    def prepare(self, images: list[list[Image.Image]], prompts: list[str]) -> Any:  # pragma: no cover
-        """Build a left-padded model batch (BatchFeature) from per-sample image lists and prompts."""
+    def prepare(self, images: list[list[Image.Image]], prompts: list[str],
+                videos: list[list[Any]] | None = None) -> Any:  # pragma: no cover
+        """Build a left-padded model batch (BatchFeature) from per-sample image lists and prompts.
+
+        ``videos``: per sample a list of clips (:class:`schedsearch.video.Video`, or a list of PIL frames), for
+        families that take video (``spec.video``); the others refuse a non-empty list with one line."""
         raise NotImplementedError
 
+    @property
+    def supports_video(self) -> bool:
+        return bool(self.spec.video)
+
+    def refuse_video(self, videos: Any) -> None:
+        """One-line VideoError when ``videos`` holds a clip and this family takes no video."""
+        if videos and any(list(v) for v in videos) and not self.supports_video:
+            from schedsearch.errors import VideoError
+
+            raise VideoError(f"the {self.family} family takes no video input (video is supported on qwen2_vl, "
+                             "qwen2_5_vl, qwen3_vl, qwen3_vl_moe): use images, or a model of those families")
+
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: positions holding visual tokens, found from the processor's token id."""
-        return input_ids == self.image_token_id
+        """(B, N) bool: positions holding visual tokens (image and, for video families, video tokens)."""
+        return self.modality_mask(input_ids) > 0
+
+    def modality_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) long: 0 = text, 1 = image token, 2 = video token (Qwen's ``mm_token_type_ids`` convention)."""
+        out = (input_ids == self.image_token_id).long()
+        if self.supports_video:
+            out = out.masked_fill(input_ids == int(getattr(self.model.config, self.spec.video_token_attr)), 2)
+        return out
+
+    def visual_time(self, batch: Any) -> torch.Tensor:
+        """(B, V, 2) long per visual token in sequence order: (clip, frame) -- the sample's video number and the
+        token's temporal patch in it -- or (-1, 0) for image tokens. Default: no video tokens."""
+        import torch
+
+        vis = self.visual_mask(batch["input_ids"])
+        n = int(vis.sum(1).max()) if vis.numel() else 0
+        out = torch.zeros(vis.shape[0], n, 2, dtype=torch.long, device=vis.device)
+        out[..., 0] = -1
+        return out
 
     def visual_coords(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
         """(B, V, 3) float: for every visual token in sequence order, (image index, row, col).

@@ -36,7 +36,8 @@ GEMMA3_SPECS: dict[str, FamilySpec] = {
 class Gemma3Adapter(VLMAdapter):
     spec = GEMMA3_SPECS["gemma3"]
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         batch = chat_batch(self.processor, images, prompts, nested=True, drop=())
         batch.pop("num_crops", None)
         return batch.to(self.model.device)

@@ -58,7 +58,8 @@ class Glm4vAdapter(_QwenAdapter):
         return cls(model, load_processor(path, "Glm4vImageProcessorPil", lambda tok, improc, template, s:
                                          Glm4vImageProcessor(tok, improc, template, **s)), path)
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         batch = chat_batch(self.processor, images, prompts)
         if "mm_token_type_ids" not in batch:  # the model needs it (3-D positions)
             batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()

@@ -93,7 +93,8 @@ class _Idefics3Base(VLMAdapter):
         vc = cfg.vision_config
         return (int(vc.image_size) // int(vc.patch_size)) ** 2 // int(cfg.scale_factor) ** 2
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         return chat_batch(self.processor, images, prompts, nested=True).to(self.model.device)
 
     def _tags(self) -> tuple[int, dict[int, tuple[int, int]]]:

@@ -67,7 +67,8 @@ class InternVLAdapter(VLMAdapter):
                               InternVLImageProcessor(tok, improc, template, **{"image_seq_length": seq, **settings}))
         return cls(model, proc, path)
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         return chat_batch(self.processor, images, prompts).to(self.model.device)
 
     @property

@@ -57,7 +57,8 @@ class _LlavaBase(VLMAdapter):
                              f"(only 'default', where the CLS token is dropped and the patches form a grid)")
         return int(vc.image_size) // int(vc.patch_size)
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         if len(images) != len(prompts):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.processor.tokenizer

@@ -117,7 +117,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return onevision_layout(size, multi, side=int(vc.image_size) // int(vc.patch_size), tile=int(vc.image_size),
                                 pinpoints=cfg.image_grid_pinpoints, aspect=str(cfg.vision_aspect_ratio))
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         return chat_batch(self.processor, images, prompts, nested=True).to(self.model.device)
 
     def visual_coords(self, batch: Any) -> Any:

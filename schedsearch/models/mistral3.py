@@ -86,7 +86,8 @@ class Mistral3Adapter(VLMAdapter):
         return cls(model, load_pixtral_processor(path, int(cfg.vision_config.patch_size),
                                                   int(cfg.spatial_merge_size)), path)
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         return chat_batch(self.processor, images, prompts).to(self.model.device)
 
     def visual_coords(self, batch: Any) -> Any:

@@ -35,7 +35,8 @@ PALIGEMMA_SPECS: dict[str, FamilySpec] = {
 class PaliGemmaAdapter(VLMAdapter):
     spec = PALIGEMMA_SPECS["paligemma"]
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
+        self.refuse_video(videos)
         if len(images) != len(prompts):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
         texts = []

@@ -27,11 +27,11 @@ _DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 QWEN3_SPECS: dict[str, FamilySpec] = {
     "qwen3_vl": FamilySpec(family="qwen3_vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
                            text_model_path="model.language_model", vision_path="model.visual",
-                           deepstack_kwargs=_DEEPSTACK, token_types=(("mm_token_type_ids", 0),)),
+                           deepstack_kwargs=_DEEPSTACK, token_types=(("mm_token_type_ids", 0),), video="qwen3"),
     "qwen3_vl_moe": FamilySpec(family="qwen3_vl_moe", model_types=("qwen3_vl_moe",),
                                model_class="Qwen3VLMoeForConditionalGeneration",
                                text_model_path="model.language_model", vision_path="model.visual",
-                               deepstack_kwargs=_DEEPSTACK, token_types=(("mm_token_type_ids", 0),)),
+                               deepstack_kwargs=_DEEPSTACK, token_types=(("mm_token_type_ids", 0),), video="qwen3"),
 }
 
 

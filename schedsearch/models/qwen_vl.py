@@ -12,6 +12,18 @@ torchvision; where torchvision is unusable ``AutoProcessor`` raises or returns o
 (``Qwen2VLImageProcessorPil``), producing the same ``input_ids`` (each ``<|image_pad|>`` expanded to
 ``t*h*w / merge**2`` copies), ``attention_mask``, ``pixel_values``, ``image_grid_thw`` and
 ``mm_token_type_ids`` (1 = image token) as the stock processor does for images.
+
+Video (no torchvision needed either): :meth:`QwenImageProcessor.__call__` takes ``videos=`` (sampled clips,
+:class:`schedsearch.video.Video`) and builds ``pixel_values_videos`` / ``video_grid_thw`` the way the stock
+``Qwen2VLVideoProcessor.patchify`` does (transformers ``video_processing_qwen2_vl.py``): frames padded to a
+multiple of ``temporal_patch_size`` by repeating the last one, every ``temporal_patch_size`` consecutive frames
+one temporal patch, patches in (t, h/merge, w/merge, merge, merge) order. Each frame goes through the PIL image
+processor (same resize, rescale, normalise as images); its patch rows hold the frame repeated over the
+temporal axis, so a temporal patch is the frames' first temporal slices side by side -- the stock video layout.
+``<|video_pad|>`` expands to ``t*h*w / merge**2`` copies (Qwen2/2.5-VL; Qwen2.5-VL also gets
+``second_per_grid_ts = temporal_patch_size / fps``) or, for Qwen3-VL, to one ``<T seconds><|vision_start|>``
+... ``<|vision_end|>`` segment per temporal patch (``Qwen3VLProcessor.replace_video_token``);
+``mm_token_type_ids`` is 2 at video tokens.
 """
 
 from __future__ import annotations
@@ -28,13 +40,14 @@ QWEN_SPECS: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(family="qwen2_5_vl", model_types=("qwen2_5_vl",),
                              model_class="Qwen2_5_VLForConditionalGeneration",
                              text_model_path="model.language_model", image_token_attr="image_token_id",
-                             vision_path="model.visual", token_types=(("mm_token_type_ids", 0),)),
+                             vision_path="model.visual", token_types=(("mm_token_type_ids", 0),), video="qwen2.5"),
     "qwen2_vl": FamilySpec(family="qwen2_vl", model_types=("qwen2_vl",),
                            model_class="Qwen2VLForConditionalGeneration",
                            text_model_path="model.language_model", image_token_attr="image_token_id",
-                           vision_path="model.visual", token_types=(("mm_token_type_ids", 0),)),
+                           vision_path="model.visual", token_types=(("mm_token_type_ids", 0),), video="qwen2"),
 }
 IMAGE_TOKEN = "<|image_pad|>"  # the placeholder the chat template writes once per image
+VIDEO_TOKEN = "<|video_pad|>"  # ... and once per video
 
 
 class QwenImageProcessor:
@@ -50,12 +63,18 @@ class QwenImageProcessor:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_TOKEN
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
-    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, video_style: str = "qwen2.5",
+                 **kwargs: Any) -> Any:
         from transformers import BatchFeature
 
         return_tensors = kwargs.pop("return_tensors", None)
         texts = [text] if isinstance(text, str) else list(text or [])
+        video_inputs: dict[str, Any] = {}
+        if videos is not None and len(videos) > 0:
+            video_inputs, texts = self._videos(list(videos), texts, video_style)
         image_inputs: dict[str, Any] = {}
         if images is not None and len(images) > 0:
             image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
@@ -80,11 +99,70 @@ class QwenImageProcessor:
         data = dict(enc)
         ids = data["input_ids"]
         if hasattr(ids, "long"):
-            data["mm_token_type_ids"] = (ids == self.image_token_id).long()
+            data["mm_token_type_ids"] = (ids == self.image_token_id).long().masked_fill(ids == self.video_token_id, 2)
         else:
-            data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in row] for row in ids]
+            data["mm_token_type_ids"] = [[1 if i == self.image_token_id else 2 if i == self.video_token_id else 0
+                                          for i in row] for row in ids]
         data.update(image_inputs)
+        data.update(video_inputs)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _videos(self, videos: list[Any], texts: list[str], style: str) -> tuple[dict[str, Any], list[str]]:
+        """``pixel_values_videos``, ``video_grid_thw`` (+ ``second_per_grid_ts`` for Qwen2.5-VL) and the texts
+        with each ``<|video_pad|>`` expanded; see the module docstring for the layout."""
+        import numpy as np
+        import torch
+
+        proc = self.image_processor
+        tps = int(getattr(proc, "temporal_patch_size", 2))
+        merge = int(proc.merge_size)
+        patches, grids, seconds, placeholders = [], [], [], []
+        for clip in videos:
+            frames = list(getattr(clip, "frames", clip))
+            if not frames:
+                raise ValueError("a video has no frames")
+            fps = float(getattr(clip, "fps", 0) or 1.0)
+            times = list(getattr(clip, "timestamps", None) or [i / fps for i in range(len(frames))])
+            frames += [frames[-1]] * (-len(frames) % tps)  # pad with the last frame, as the stock patchify does
+            times += [times[-1]] * (len(frames) - len(times))
+            out = proc(images=frames, return_tensors="np")
+            grid = np.asarray(out["image_grid_thw"])
+            if len({tuple(g) for g in grid.tolist()}) != 1:
+                raise ValueError("the frames of a video resize to different grids: give frames of one size")
+            _, gh, gw = (int(x) for x in grid[0])
+            pv = np.asarray(out["pixel_values"], dtype=np.float32)
+            channels = pv.shape[1] // (tps * proc.patch_size**2)
+            per = pv.reshape(len(frames), gh * gw, channels, tps, proc.patch_size, proc.patch_size)[:, :, :, 0]
+            gt = len(frames) // tps
+            per = per.reshape(gt, tps, gh * gw, channels, proc.patch_size, proc.patch_size).transpose(0, 2, 3, 1, 4, 5)
+            patches.append(per.reshape(gt * gh * gw, channels * tps * proc.patch_size**2))
+            grids.append([gt, gh, gw])
+            seconds.append(tps / fps)
+            n_frame = gh * gw // merge**2
+            if style == "qwen3":  # Qwen3VLProcessor: one timestamped segment per temporal patch
+                stamps = [(times[i] + times[i + tps - 1]) / 2 for i in range(0, len(times), tps)]
+                placeholders.append("".join(f"<{t:.1f} seconds><|vision_start|>{self.video_token * n_frame}"
+                                            "<|vision_end|>" for t in stamps))
+            else:
+                placeholders.append(self.video_token * (gt * n_frame))
+        k, expanded = 0, []
+        for t in texts:
+            parts = t.split(self.video_token)
+            if k + len(parts) - 1 > len(placeholders):
+                raise ValueError(f"text has more {self.video_token} placeholders than videos ({len(placeholders)})")
+            out_t = parts[0]
+            for p in parts[1:]:
+                out_t += placeholders[k] + p
+                k += 1
+            expanded.append(out_t)
+        if k != len(placeholders):
+            raise ValueError(f"{len(placeholders)} videos but {k} {self.video_token} placeholders in the text (does "
+                             "the chat template place {'type': 'video'} items?)")
+        data: dict[str, Any] = {"pixel_values_videos": torch.from_numpy(np.concatenate(patches)),
+                                "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        if style == "qwen2.5":
+            data["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+        return data, expanded
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
         """The stock processor's contract: text by default; with ``tokenize=True`` the model inputs, images included.
@@ -192,42 +270,113 @@ class _QwenAdapter(VLMAdapter):
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
-    def prepare(self, images: list[list[Any]], prompts: list[str]) -> Any:
+    def prepare(self, images: list[list[Any]], prompts: list[str], videos: list[list[Any]] | None = None) -> Any:
         if len(images) != len(prompts):
             raise ValueError(f"prepare: {len(images)} image lists but {len(prompts)} prompts; pass one list per prompt")
+        videos = [list(v) for v in videos] if videos is not None else [[] for _ in prompts]
+        if len(videos) != len(prompts):
+            raise ValueError(f"prepare: {len(videos)} video lists but {len(prompts)} prompts; pass one list per prompt")
         texts = []
-        for imgs, prompt in zip(images, prompts, strict=False):
-            content = chat_content(prompt, len(imgs))
+        for imgs, vids, prompt in zip(images, videos, prompts, strict=False):
+            content = chat_content(prompt, len(imgs), len(vids))
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True))
         flat = [im for imgs in images for im in imgs]
+        clips = [v for vids in videos for v in vids]
         self.processor.tokenizer.padding_side = "left"
-        batch = self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
+        if clips:  # the stock video processor needs torchvision: video always goes through the stand-in
+            proc = self.processor
+            if not isinstance(proc, QwenImageProcessor):
+                proc = QwenImageProcessor(proc.tokenizer, proc.image_processor, getattr(proc, "chat_template", None))
+            batch = proc(images=flat or None, text=texts, videos=clips, video_style=self.spec.video, padding=True,
+                         return_tensors="pt")
+        else:
+            batch = self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
         if "mm_token_type_ids" not in batch:  # stock processors of some versions: Qwen needs it (PLATFORM.md)
-            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
+            batch["mm_token_type_ids"] = self.modality_mask(batch["input_ids"])
         batch.pop("token_type_ids", None)
         return batch.to(self.model.device)
 
     def visual_coords(self, batch: Any) -> Any:
+        """(B, V, 3): (item, row, col) per visual token; every image is an item and so is every temporal patch of
+        a video (frame-local rows/cols: spatial rankings and recycling see frames as separate pictures)."""
+        return self._token_table(batch)[..., :3]
+
+    def visual_time(self, batch: Any) -> Any:
+        """(B, V, 2) long: (clip, frame) per visual token -- the sample's video number and temporal patch -- or
+        (-1, 0) for image tokens (see :meth:`VLMAdapter.visual_time`)."""
+        return self._token_table(batch)[..., 3:].long()
+
+    def _token_table(self, batch: Any) -> Any:
+        """(B, V_max, 5) float per visual token in sequence order: item, row, col, clip, frame (a sample with fewer
+        visual tokens than the batch's largest is padded with zero rows at the end).
+
+        Images come from ``image_grid_thw`` and videos from ``video_grid_thw``, each consumed in sequence order as
+        its tokens appear (``mm_token_type_ids`` 1 / 2); a Qwen3-VL video's per-frame segments consume one clip.
+        """
         import torch
 
-        grid = batch.get("image_grid_thw")
-        if grid is None and batch.get("_vision_call") is not None:
-            args, kwargs = batch["_vision_call"]
-            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        if grid is None:
-            raise ValueError("visual_coords: the batch has no image_grid_thw (and no recorded vision call); "
-                             "pass the processor's output")
         input_ids = batch["input_ids"]
+        grids = {1: batch.get("image_grid_thw"), 2: batch.get("video_grid_thw")}
+        mod = self.modality_mask(input_ids)
         m = self.merge_size
-        per_image = []
-        for t, h, w in grid.tolist():
-            hh, ww = h // m, w // m
-            r = (torch.arange(hh, dtype=torch.float32) + 0.5) / hh
-            c = (torch.arange(ww, dtype=torch.float32) + 0.5) / ww
-            rc = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
-            per_image.append(rc.repeat(int(t), 1))
-        return _assign_images(per_image, self.visual_mask(input_ids))
+        if grids[1] is None and grids[2] is None:  # inside generate(): only the encoder runs saw the grids
+            calls = batch.get("_vision_calls") or ([batch["_vision_call"]] if batch.get("_vision_call") else [])
+            need = {k: int((mod == k).sum()) for k in (1, 2)}
+            for args, kwargs in reversed(calls):  # generate() encodes images first, then videos
+                g = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                n_tok = int((g.prod(-1) // m**2).sum()) if g is not None else -1
+                for k in (2, 1):
+                    if grids[k] is None and need[k] > 0 and n_tok == need[k]:
+                        grids[k] = g
+                        break
+        for k, what in ((1, "image_grid_thw"), (2, "video_grid_thw")):
+            if bool((mod == k).any()) and grids[k] is None:
+                raise ValueError(f"visual_coords: the batch has no {what} (and no recorded vision call); "
+                                 "pass the processor's output")
+        tables = {1: [], 2: []}
+        for k in (1, 2):
+            for t, h, w in (grids[k].tolist() if grids[k] is not None else []):
+                hh, ww = h // m, w // m
+                r = (torch.arange(hh, dtype=torch.float32) + 0.5) / hh
+                c = (torch.arange(ww, dtype=torch.float32) + 0.5) / ww
+                rc = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2).repeat(int(t), 1)
+                frame = torch.arange(int(t), dtype=torch.float32).repeat_interleave(hh * ww)[:, None]
+                tables[k].append(torch.cat([rc, frame], dim=1))  # row, col, frame
+        pos = {1: 0, 2: 0}  # next item of each modality (batch-wide, in processor order)
+        rows = []
+        for b in range(input_ids.shape[0]):
+            kinds = mod[b][mod[b] > 0].tolist()
+            out = torch.zeros(len(kinds), 5)
+            i, item_base, clip = 0, 0, -1
+            while i < len(kinds):
+                k = kinds[i]
+                if pos[k] >= len(tables[k]):
+                    what = "images" if k == 1 else "videos"
+                    raise ValueError(f"visual_coords: the batch's visual tokens need more {what} than the "
+                                     f"{len(tables[k])} its grid lists")
+                tab = tables[k][pos[k]]
+                pos[k] += 1
+                take = min(len(tab), len(kinds) - i)
+                if kinds[i : i + take] != [k] * take:
+                    raise ValueError(f"visual_coords: an {'image' if k == 1 else 'video'} of {len(tab)} tokens does "
+                                     "not line up with the sample's visual tokens")
+                if k == 2:
+                    clip += 1
+                out[i : i + take, 0] = item_base + (tab[:take, 2] if k == 2 else 0)
+                out[i : i + take, 1:3] = tab[:take, :2]
+                out[i : i + take, 3] = clip if k == 2 else -1
+                out[i : i + take, 4] = tab[:take, 2] if k == 2 else 0
+                item_base += int(tab[:, 2].max()) + 1 if k == 2 else 1
+                i += take
+            rows.append(out)
+        for k in (1, 2):
+            if pos[k] != len(tables[k]):
+                what = "images" if k == 1 else "videos"
+                raise ValueError(f"visual_coords: {len(tables[k])} {what} but only {pos[k]} used by the batch's "
+                                 "visual tokens")
+        width = max((len(r) for r in rows), default=0)  # a ragged batch: shorter samples padded with zero rows
+        return torch.stack([torch.cat([r, r.new_zeros(width - len(r), 5)]) for r in rows]).to(input_ids.device)
 
     # ------------------------------------------------------------ vision attention (VFlowOpt-style maps)
     def vision_attention_hook(self, store: list, block: int | None = None) -> Any:
@@ -413,13 +562,11 @@ def _qwen_qkv(module: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
 
 
 def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
-    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order."""
+    """Stack per-image (n_i, 2) row/col tables into (B, V, 3), consuming images in sequence order; samples with
+    fewer visual tokens than the batch's largest (a ragged batch) are padded with zero rows at the end."""
     import torch
 
     counts = vis_mask.sum(1).tolist()
-    if len(set(counts)) > 1:
-        raise ValueError(f"visual_coords: samples have different numbers of visual tokens {counts}; "
-                         f"batch samples with the same image sizes")
     rows, k = [], 0
     for n in counts:
         parts, got, idx = [], 0, 0
@@ -438,7 +585,8 @@ def _assign_images(per_image: list[Any], vis_mask: Any) -> Any:
         rows.append(torch.cat(parts) if parts else torch.zeros(0, 3))
     if k != len(per_image):
         raise ValueError(f"visual_coords: {len(per_image)} images but only {k} used by the batch's visual tokens")
-    return torch.stack(rows).to(vis_mask.device)
+    width = max(counts, default=0)
+    return torch.stack([torch.cat([r, r.new_zeros(width - len(r), 3)]) for r in rows]).to(vis_mask.device)
 
 
 class Qwen25VLAdapter(_QwenAdapter):

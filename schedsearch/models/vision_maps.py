@@ -69,7 +69,8 @@ def head_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, kinds: f
 
 def stack_per_sample(per_image: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
     """Per-image token maps (n_i, ...) -> (B, V, ...), consuming images in order; ``counts`` = visual tokens per
-    sample (equal within a runtime batch). Raises ValueError when the images do not cover the samples exactly."""
+    sample. A ragged batch's shorter samples are padded at the end to the largest count: NaN for float maps, -1
+    for integer ones (no spatial cell, no image). Raises ValueError when the images do not cover the samples."""
     rows, k = [], 0
     for n in counts:
         parts, got = [], 0
@@ -82,4 +83,9 @@ def stack_per_sample(per_image: list[torch.Tensor], counts: list[int]) -> torch.
         rows.append(torch.cat(parts) if parts else per_image[0].new_zeros((0, *per_image[0].shape[1:])))
     if k != len(per_image):
         raise ValueError(f"{len(per_image)} images were encoded but the batch's visual tokens use only {k}")
-    return torch.stack(rows)
+    width = max(counts, default=0)
+    out = []
+    for r in rows:
+        pad = r.new_full((width - r.shape[0], *r.shape[1:]), float("nan") if r.is_floating_point() else -1)
+        out.append(torch.cat([r, pad]))
+    return torch.stack(out)

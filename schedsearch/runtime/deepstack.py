@@ -61,11 +61,11 @@ class DeepStack:
             out = hidden.clone()
             out[mask, :] = out[mask, :] + feats
             return out
-        bsz = mask.shape[0]
-        per_sample = int(mask[0].sum())  # the runtime enforces equal visual counts per sample
+        counts = mask.long().sum(dim=1)  # visual tokens per sample (a ragged batch: different counts)
+        start = counts.cumsum(0) - counts  # each sample's first row in the flat features
         rank = mask.long().cumsum(1) - 1  # original visual rank of each position
-        alive_vis = mask.gather(1, cur_idx)  # (B, n)
-        rows = rank.gather(1, cur_idx) + torch.arange(bsz, device=hidden.device)[:, None] * per_sample
+        alive_vis = mask.gather(1, cur_idx)  # (B, n); a ragged batch's filler slots get features too (never read)
+        rows = rank.gather(1, cur_idx) + start[:, None]
         out = hidden.clone()
         out[alive_vis, :] = out[alive_vis, :] + feats[rows[alive_vis]]
         return out

@@ -16,7 +16,7 @@ def importance_from_attention(attn: torch.Tensor, t: float, alpha: float = 0.0,
     """(V, V) head-averaged attention (rows = queries) -> (V,) importance."""
     received = attn.mean(dim=0)
     glob = received > t * received.mean()
-    if not bool(glob.any()):
+    if not bool(glob.any()):  # the reference averages an empty set here (NaN): take the most-attended token
         glob = received >= received.max()
     rel = attn[glob].mean(dim=0)
     if alpha and entropy is not None:
@@ -25,7 +25,7 @@ def importance_from_attention(attn: torch.Tensor, t: float, alpha: float = 0.0,
 
 
 def patch_entropy(pixels: torch.Tensor, bins: int = 256) -> torch.Tensor:
-    """(V, P) grey values of each merged token's pixels -> (V,) Shannon entropy of a ``bins``-bin histogram.
+    """(V, P) grey values of each merged token's pixels -> (V,) Shannon entropy (log2) of a ``bins``-bin histogram.
 
     Values are binned over the global min..max of ``pixels`` (the processor's normalised pixels stand in
     for 8-bit grey levels; the histogram shape is what matters).
@@ -35,14 +35,14 @@ def patch_entropy(pixels: torch.Tensor, bins: int = 256) -> torch.Tensor:
     counts = torch.zeros(pixels.shape[0], bins, device=pixels.device).scatter_add_(
         1, idx, torch.ones_like(pixels, dtype=torch.float))
     p = counts / counts.sum(dim=1, keepdim=True)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+    return -(p * torch.log2(p.clamp_min(1e-12))).sum(dim=1)  # bits, as the reference (siglip_encoder.py)
 
 
 def importance_for_batch(maps: list[torch.Tensor], counts: list[int], t: float, alpha: float = 0.0,
                          entropies: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Per-image maps -> (B, V) importance, concatenating each sample's images in order.
 
-    ``counts`` is the number of visual tokens per sample (all equal within a runtime batch).
+    ``counts`` is the number of visual tokens per sample; a ragged batch's shorter rows are padded with 0.
     """
     imps = [importance_from_attention(a, t, alpha, None if entropies is None else entropies[i])
             for i, a in enumerate(maps)]
@@ -56,5 +56,6 @@ def importance_for_batch(maps: list[torch.Tensor], counts: list[int], t: float, 
         if got != n:
             raise ValueError(f"vision maps cover {got} tokens but the sample has {n} visual tokens")
         rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    width = max(counts, default=0)
+    return torch.stack([torch.cat([r, r.new_zeros(width - r.numel())]) for r in rows])
 

@@ -10,6 +10,7 @@ Used by :mod:`schedsearch.runtime.apply`:
   last ``window - 1`` entries; after pruning those entries span more than ``window`` original positions, so
   the decode mask is built over exactly the cached keys and also applies the window on ORIGINAL positions
   (transformers' ``sliding_window_overlay``: a query at p sees key k iff p - k < window).
+* :func:`mask_keys` — a layer's mask with the filler slots of a ragged batch disallowed as keys.
 * :func:`layer_allowed` — the layer's own mask over the alive tokens as booleans (True = may attend), for the
   attention scorers, so they follow sliding windows and bidirectional image blocks.
 """
@@ -78,6 +79,17 @@ def as_mask_like(allowed: torch.Tensor, like: Any, attn_implementation: str | No
     elif attn_implementation is None or "sdpa" in str(attn_implementation):
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def mask_keys(mask: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``mask`` (B, 1|H, q, K) 4-D or (B, K) 2-D, with the keys where ``ok`` (B, K) is False disallowed (the filler
+    slots of a ragged batch, see runtime/apply.py): bool masks get False, additive ones the dtype's minimum."""
+    if mask.dim() == 2:
+        return mask & ok if mask.dtype == torch.bool else mask * ok.to(mask.dtype)
+    k = ok[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & k
+    return mask.masked_fill(~k, torch.finfo(mask.dtype).min)
 
 
 def layer_allowed(mask: Any, idx: torch.Tensor) -> torch.Tensor | None:

@@ -196,7 +196,9 @@ def _run_optimize(s: dict, *, resume: bool = False, progress: Callable | None = 
     t0 = time.perf_counter()
     obj = Objective(adapter, samples, heldout_fraction=float(s["heldout_fraction"]), seed=settings.seed,
                     batch_size=int(s["batch_size"]), cache_dir=".schedsearch/cache", calibration_hash=calib_hash,
-                    vision_maps=s["method"] == "vflow")
+                    # VFlowOpt's maps: its method, and its ranking (which --scorer auto's screen also tries)
+                    vision_maps=s["method"] == "vflow" or (s["scorer"] in ("auto", "vflow")
+                                                           and hasattr(adapter, "vision_attention")))
     setup_s = time.perf_counter() - t0
 
     from schedsearch.tracking import Tracker, optuna_callback
@@ -491,3 +493,4 @@ def _finish_pareto(s: dict, settings: StudySettings, obj: Any, adapter: Any, bud
     tracker.set_summary({f"best_search_{b}": r["search"] for b, r in res.per_budget.items()},
                         {"budgets": ",".join(str(b) for b in budgets)})
     return res, problems
+

@@ -1,16 +1,31 @@
 """Fixed baselines in the schedule format, budget-matched by solving their one free ratio.
 
 * ``fastv`` (Chen et al., arXiv 2403.06764, Sec. 4): after layer K keep fraction 1 - R of the visual
-  tokens: r_l = 1 for l < K, 1 - R for l >= K. Budget matched by solving R (K fixed, default 2).
+  tokens: r_l = 1 for l < K, 1 - R for l >= K. Budget matched by solving R (K fixed, default 2). Ranked by the
+  ``fastv`` scorer: the last token's attention returned by layer K-1, as FastV's code does.
 * ``pdrop`` (Xing et al., PyramidDrop, arXiv 2410.17247, Sec. 3): stages at fixed depths (8/16/24 of
   32 layers -> L/4, L/2, 3L/4); stage i keeps lambda^i of the original tokens. Budget matched by
-  solving lambda (paper default 0.5).
+  solving lambda (paper default 0.5). Ranked by ``last_token_attention``: the last instruction token's attention
+  from the drop layer's OWN q/k on its input, as Cooperx521/PyramidDrop ``modeling_llama_pdrop.py::pdrop_rank_drop``
+  does (``self.layers[rank_layer]``, the first layer of the next stage). Differences from that code: survivors keep
+  their original position ids (the reference renumbers them 0..n-1 after each drop, which changes the RoPE phases
+  of every later layer and so the later stages' rankings), and kept counts round half up (the reference floors:
+  ``int(V * lambda^i)``).
+* ``divprune`` (Alvar et al., arXiv 2503.02175): one keep ratio from layer 0 on (the reference prunes the
+  embeddings entering the LLM), ranked by the ``divprune`` scorer. Budget matched by solving the ratio.
+* ``feather`` (Endo et al., arXiv 2412.13180; markendo/FEATHER ``eval_feather.sh``: K = [8, 16] of 32, reduction
+  0.7, stride 3): stage 1 at L/4 keeps the union of int(k V) attention tokens and the stride-3 grid, stage 2 at L/2
+  keeps k^2 of the stage-1 survivors (k = 0.3 there). The union's expected size is k + (1 - k) g of V with g the
+  grid's share of the visual tokens: ceil(rows/3) ceil(cols/3) / (rows cols) -- 1/9 for LLaVA's 24 x 24, but 36/256
+  for the toy's 16 x 16 (`schedsearch baseline feather` measures g on the calibration images, ``feather_grid_share``;
+  1/9 assumed without them); budget matched by solving k.
 * ``uniform``: the same keep ratio at every layer from layer 0 (prune before the decoder).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from schedsearch.search.budget import BudgetFn, InfeasibleBudget, clamp_non_increasing, solve_increasing
 
@@ -135,7 +150,61 @@ def dart(num_layers: int, budget_fn: BudgetFn, target: float) -> tuple[list[floa
     return fastv(num_layers, budget_fn, target, k=2)
 
 
-BASELINES = {"fastv": fastv, "pdrop": pdrop, "uniform": uniform,
+def feather_grid_share(grids: Sequence[tuple[int, int]], stride: int = 3) -> float:
+    """Share of the visual tokens on FEATHER's grid (every ``stride``-th row and column, ``grid[::s, ::s]``) for
+    images of (rows, cols) tokens: sum ceil(rows/s) ceil(cols/s) / sum rows cols. The grid is the whole image's
+    token grid (markendo/FEATHER ``llama2_models.py``: ``grid_indices[::stride, ::stride]``)."""
+    on = sum(-(-r // stride) * -(-c // stride) for r, c in grids)
+    total = sum(r * c for r, c in grids)
+    return on / total if total else 1.0 / stride**2
+
+
+def image_grids(adapter: Any, batches: Any) -> list[tuple[int, int]]:
+    """(rows, cols) of every image's visual-token grid in ``batches`` (from the adapter's token coordinates)."""
+    from schedsearch.runtime.scorers.feather import grid_cells
+
+    out: list[tuple[int, int]] = []
+    for batch in batches:
+        coords = adapter.visual_coords(batch)
+        cells = grid_cells(coords)
+        for b in range(coords.shape[0]):
+            for img in coords[b, :, 0].unique().tolist():
+                sel = coords[b, :, 0] == img
+                if sel.any():
+                    out.append((int(cells[b, sel, 0].max()) + 1, int(cells[b, sel, 1].max()) + 1))
+    return out
+
+
+def feather_ratios(num_layers: int, k: float, depth: float = 1.0, stride: int = 3,
+                   grid_share: float | None = None) -> list[float]:
+    """FEATHER's two stages at L/4 and L/2 (times ``depth``): r1 = k + (1 - k) g (attention top-k united with the
+    grid, g its share of the tokens, 1/stride^2 when unknown), r2 = k^2 r1 (the reference keeps int(k^2 |S1|) of the
+    stage-1 survivors S1)."""
+    g = 1.0 / stride**2 if grid_share is None else float(grid_share)
+    r1 = k + (1.0 - k) * g
+    return staged_ratios(num_layers, ((0.25 * depth, r1), (0.5 * depth, k * k * r1)), 1.0)
+
+
+def feather(num_layers: int, budget_fn: BudgetFn, target: float, grid_share: float | None = None
+            ) -> tuple[list[float], dict]:
+    """Budget-matched FEATHER (k solved; where even k = 0 is over budget, the stages move earlier). ``grid_share``:
+    the stride-3 grid's share of the visual tokens on the calibration images (``feather_grid_share``)."""
+    last: InfeasibleBudget | None = None
+    g = 1.0 / 9 if grid_share is None else float(grid_share)
+    for depth in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0):
+        try:
+            k = solve_increasing(lambda x, d=depth: budget_fn(feather_ratios(num_layers, x, d, grid_share=g)),
+                                 target, 0.0, 1.0)
+        except InfeasibleBudget as err:
+            last = err
+            continue
+        return feather_ratios(num_layers, k, depth, grid_share=g), {"k": k, "reduction": 1.0 - k,
+                                                                     "stage_scale": depth, "stride": 3,
+                                                                     "grid_share": g}
+    raise InfeasibleBudget(f"feather cannot meet budget {target}: {last}")
+
+
+BASELINES = {"fastv": fastv, "pdrop": pdrop, "uniform": uniform, "divprune": uniform, "feather": feather,
              "fastervlm": uniform, "vtc_cls": uniform, "visionzip": uniform, "hiprune": uniform,
              "flowcut": uniform, "mmtok": uniform, "hired": uniform, "dart": dart,
              "sparsevlm": sparsevlm, "transprune": transprune, "todre": todre}
@@ -144,6 +213,8 @@ BASELINES = {"fastv": fastv, "pdrop": pdrop, "uniform": uniform,
 #: spacing; see ``search.methods.baseline_candidate``); every method's published default parameters
 BASELINE_SCORERS: dict[str, dict] = {
     name: {"name": name, "params": {}}
-    for name in ("fastervlm", "vtc_cls", "visionzip", "hiprune", "flowcut", "mmtok", "hired", "dart",
-                 "sparsevlm", "transprune", "todre")
+    for name in ("fastv", "divprune", "fastervlm", "vtc_cls", "visionzip", "hiprune", "flowcut", "mmtok", "hired",
+                 "dart", "sparsevlm", "transprune", "todre")
 }
+BASELINE_SCORERS["pdrop"] = {"name": "last_token_attention", "params": {"rope": True}}  # PyramidDrop's own rule
+BASELINE_SCORERS["feather"] = {"name": "feather", "params": {"stride": 3, "rope": False}}

@@ -24,6 +24,9 @@ class SearchContext:
     target: float
     kind: str
     scorer: dict = field(default_factory=lambda: {"name": "auto"})
+    #: the stride-3 grid's share of the visual tokens on the calibration images (``fixed.feather_grid_share``);
+    #: the ``feather`` baseline's union size depends on it (None: 1/9, LLaVA's 24 x 24 grid)
+    grid_share: float | None = None
     #: with scorer "auto": label -> scorer section the trials choose from (search/screen.py); None = SCORER_CHOICES
     choices: dict[str, dict] | None = None
 
@@ -125,9 +128,10 @@ METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCo
 
 
 def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:
-    """A budget-matched fixed baseline (fastv, pdrop, uniform) as a Candidate."""
-    ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target)
-    scorer = BASELINE_SCORERS.get(name) or (
-        {"name": "last_token_attention", "params": {"rope": True}} if name in ("fastv", "pdrop") else
-        {"name": "uniform", "params": {}})
+    """A budget-matched fixed baseline (fastv, pdrop, divprune, feather, uniform, ...) as a Candidate."""
+    if name == "feather" and ctx.grid_share is not None:
+        ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target, grid_share=ctx.grid_share)
+    else:
+        ratios, params = BASELINES[name](ctx.num_layers, ctx.budget_fn, ctx.target)
+    scorer = BASELINE_SCORERS.get(name) or {"name": "uniform", "params": {}}
     return Candidate(ratios, params, scorer)

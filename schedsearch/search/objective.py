@@ -105,14 +105,15 @@ class Objective:
             self.vis_counts[split].append(self.adapter.visual_mask(b["input_ids"]).sum(1).tolist())
 
     def importance(self, schedule: Any, split: str) -> list[torch.Tensor] | None:
-        """Per-batch (B, V) maps for a schedule whose scorer is external/vision_attention, else None."""
+        """Per-batch (B, V) maps for a schedule whose scorer is vflow or external/vision_attention, else None."""
         scorer = schedule.get("scorer") if isinstance(schedule, dict) else getattr(schedule, "scorer", None)
         name = scorer.get("name") if isinstance(scorer, dict) else getattr(scorer, "name", None)
         params = (scorer.get("params") if isinstance(scorer, dict) else getattr(scorer, "params", None)) or {}
-        if name != "external" or params.get("source") != "vision_attention":
+        if not (name == "vflow" or (name == "external" and params.get("source") == "vision_attention")):
             return None
         if split not in self.maps:
-            raise ValueError("this objective was built without vision maps: pass vision_maps=True")
+            raise UnsupportedForModel(f"ranking {name} needs the vision encoder's attention maps, which this objective "
+                                      "did not record (the model has none, or vision_maps=False)")
         from schedsearch.runtime.importance import importance_for_batch
 
         t, alpha = float(params.get("t", 1.0)), float(params.get("alpha", 0.0))

@@ -7,8 +7,9 @@ tokens pay to it, ``c_j = mean_{i in G} A_ij``; the importance is ``c_j + alpha 
 H the Shannon entropy of the patch's 256-bin grey histogram (alpha = 0 in all released configs).
 
 Progressive pruning (Sec. 3.3): a stage right after the vision encoder keeps ``r_v``; decoder stages
-at layers l1 and l2 keep ``r1`` and ``r2`` of what is left; ranking reuses the vision-side map; the
-pruned tokens can be recycled into kept ones on an m x m grid (runtime/recycle.py).
+at layers l1 and l2 keep ``r1`` and ``r2`` of what is left; ranking reuses the vision-side map; at the vision
+stage each cell's pruned tokens are merged into its most important pruned token, which is kept (scorer
+``vflow``, runtime/scorers/vflow.py).
 
 Budget (Sec. 3.4): the paper solves r2 in closed form so the layer-averaged kept fraction equals the
 target. For any budget kind (FLOPs included) we solve ``r_v`` by bisection instead: the budget is
@@ -43,11 +44,40 @@ def solve_stages(num_layers: int, budget_fn: BudgetFn, target: float, l1: int, r
     return stage_ratios(num_layers, r_v, l1, r1, l2, r2), r_v
 
 
+def vflow_stage_layers(num_layers: int) -> tuple[int, int]:
+    """The reference's LLM stages: fixed layers near 1/3 and 2/3 of the depth (9 and 18 of 28 there)."""
+    l1 = min(max(1, round(num_layers / 3)), max(1, num_layers - 2))
+    l2 = min(max(l1 + 1, round(2 * num_layers / 3)), num_layers - 1)
+    return l1, max(l1, l2)
+
+
 class VFlow:
-    """Search space (VFlowOpt searched r_v, r1, t, m, alpha with GP-BO; stage layers 9 and 18 of 28 there,
-    searchable here): t, alpha, grid m, stage layers l1 < l2, relative ratios r1, r2; r_v solved."""
+    """VFlowOpt's search space (sihany077/VFlowOpt; default): threshold t in [0, 50], entropy weight alpha in
+    [-1, 1], recycling cell side m in [3, 24] tokens (vision stage only: scorer ``vflow``), stage layers fixed near
+    1/3 and 2/3 of the depth, relative ratios r1, r2 searched; r_v solved for the budget (our choice; the reference
+    solves r2 in closed form for a token-average budget)."""
 
     name = "vflow"
+
+    def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
+        n = ctx.num_layers
+        t = trial.suggest_float("t", 0.0, 50.0)
+        alpha = trial.suggest_float("alpha", -1.0, 1.0)
+        cell = trial.suggest_int("cell", 3, 24)
+        l1, l2 = vflow_stage_layers(n)
+        r1 = trial.suggest_float("r1", 0.05, 1.0)
+        r2 = trial.suggest_float("r2", 0.05, 1.0)
+        ratios, r_v = solve_stages(n, ctx.budget_fn, ctx.target, l1, r1, l2, r2)
+        scorer = {"name": "vflow", "params": {"t": t, "alpha": alpha, "cell": cell}}
+        return Candidate(ratios, {"r_v": r_v, "l1": l1, "l2": l2}, scorer, None)
+
+
+class VFlowOurs:
+    """schedsearch's earlier variant (kept for comparison, not registered as a method): t in [0.5, 4], alpha in
+    [0, 0.5], stage layers l1 < l2 searched, recycling into the best KEPT token of each cell of an m x m grid per
+    image at every drop (the schedule's ``recycling`` section)."""
+
+    name = "vflow_ours"
 
     def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
         n = ctx.num_layers
@@ -64,5 +94,13 @@ class VFlow:
         return Candidate(ratios, {"r_v": r_v}, scorer, recycling)
 
 
-__all__ = ["VFlow", "stage_ratios", "solve_stages", "importance_from_attention", "importance_for_batch",
-           "patch_entropy"]
+__all__ = [
+    "VFlow",
+    "VFlowOurs",
+    "vflow_stage_layers",
+    "stage_ratios",
+    "solve_stages",
+    "importance_from_attention",
+    "importance_for_batch",
+    "patch_entropy",
+]

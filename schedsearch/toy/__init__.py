@@ -51,11 +51,19 @@ def write_dataset(out: str | Path, n: int, seed: int, *, max_objects: int = 6) -
         img, q, _ = sample(seed, i, max_objects=max_objects)
         rel = f"images/{i:05d}.png"
         img.save(out / rel, format="PNG", optimize=False)
-        rec = {"image": rel, "prompt": q["prompt"], "answer": q["answer"], "qtype": q["qtype"],
-               "seed": seed, "index": i}
-        if "region" in q:
-            rec["region"] = q["region"]
-        lines.append(json.dumps(rec, sort_keys=True))
+        lines.append(manifest_line({"image": rel}, q, seed, i))
+    return write_manifest(out, lines)
+
+
+def manifest_line(media: dict, q: dict, seed: int, index: int) -> str:
+    """One manifest record: the media keys, the question and answer, their type (and region), the stream."""
+    rec = {**media, "prompt": q["prompt"], "answer": q["answer"], "qtype": q["qtype"], "seed": seed, "index": index}
+    if "region" in q:
+        rec["region"] = q["region"]
+    return json.dumps(rec, sort_keys=True)
+
+
+def write_manifest(out: Path, lines: list[str]) -> Path:
     path = out / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -1,5 +1,7 @@
 """``python -m schedsearch.toy generate --n N --seed S --out DIR``: write a toy visual-QA dataset.
 
+``python -m schedsearch.toy video --n N --seed S --out DIR`` writes the toy video task (schedsearch/toy/video.py).
+
 Every argument is checked before anything is written (one ``error:`` line, exit 2): ``--n`` >= 1, ``--seed`` >= 0
 (numpy's seed sequences take non-negative integers), ``--max-objects`` within what the scene grid holds, and
 ``--out`` a folder that can be written (schedsearch.output.prepare_output).
@@ -37,15 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, required=True, help="stream seed (training uses 1, held-out 2, calibration 3)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--max-objects", type=int, default=6)
+    v = sub.add_parser("video", help="write clips (folders of frame PNGs) + manifest.jsonl (byte-identical for a seed)")
+    v.add_argument("--n", type=int, required=True, help="number of clips")
+    v.add_argument("--seed", type=int, required=True, help="stream seed (held-out 2, calibration 3)")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--max-objects", type=int, default=4)
     args = ap.parse_args(argv)
     problem = _problem(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from schedsearch.toy import write_dataset
+    from schedsearch.toy.video import write_video_dataset
 
+    write = write_video_dataset if args.cmd == "video" else write_dataset
     try:
-        path = write_dataset(args.out, args.n, args.seed, max_objects=args.max_objects)
+        path = write(args.out, args.n, args.seed, max_objects=args.max_objects)
     except OSError as err:  # e.g. the disk filled up while writing
         print(f"error: cannot write the dataset to {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2

@@ -6,8 +6,8 @@
     report["overall"], report["by_qtype"]["spatial"], report["by_region"]["top left"]
 
 Answers are compared after lower-casing and collapsing whitespace; the prediction is the greedy
-generation (``max_new_tokens``) decoded without special tokens. Samples are batched with samples of
-the same visual-token count (the runtime's requirement), left-padded by the adapter's processor.
+generation (``max_new_tokens``) decoded without special tokens. Samples are batched in order (batches may
+mix visual-token counts: the runtime prunes ragged batches), left-padded by the adapter's processor.
 Breakdowns use the manifest's optional ``qtype`` and ``region`` keys (``Sample.extra``).
 """
 
@@ -25,11 +25,9 @@ def normalize(text: str) -> str:
 
 
 def _groups(adapter: Any, samples: Sequence[Any], batch_size: int) -> list[list[int]]:
-    by_count: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        one = adapter.prepare([list(s.images)], [s.prompt])
-        by_count[int(adapter.visual_mask(one["input_ids"]).sum())].append(i)
-    return [idx[k:k + batch_size] for idx in by_count.values() for k in range(0, len(idx), batch_size)]
+    """Indices of consecutive samples, ``batch_size`` at a time."""
+    idx = list(range(len(samples)))
+    return [idx[k:k + batch_size] for k in range(0, len(idx), max(1, batch_size))]
 
 
 def prepare_groups(adapter: Any, samples: Sequence[Any], batch_size: int = 32, *, precompute: bool = False
@@ -38,9 +36,11 @@ def prepare_groups(adapter: Any, samples: Sequence[Any], batch_size: int = 32, *
     features are encoded now (``adapter.precompute_vision``, the path ``generate()`` takes): a caller that
     evaluates many schedules on one set pays for the vision encoder once (rankings that read the encoder's maps
     replay it, see ``VLMAdapter.replay_vision``). Same predictions as raw batches."""
+    from schedsearch.evaluation import prepare_samples
+
     out = []
     for idx in _groups(adapter, samples, batch_size):
-        batch = adapter.prepare([list(samples[i].images) for i in idx], [samples[i].prompt for i in idx])
+        batch = prepare_samples(adapter, [samples[i] for i in idx])
         out.append((idx, adapter.precompute_vision(batch) if precompute else batch))
     return out
 
@@ -50,13 +50,13 @@ def predict(adapter: Any, samples: Sequence[Any], *, schedule: Any = None, batch
     """Greedy answers, one per sample, in order. ``prepared``: the batches from :func:`prepare_groups`."""
     import torch
 
+    from schedsearch.evaluation import prepare_samples
     from schedsearch.runtime import apply_schedule
 
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     out: list[str] = [""] * len(samples)
     groups = prepared if prepared is not None else (
-        (idx, adapter.prepare([list(samples[i].images) for i in idx], [samples[i].prompt for i in idx]))
-        for idx in _groups(adapter, samples, batch_size))
+        (idx, prepare_samples(adapter, [samples[i] for i in idx])) for idx in _groups(adapter, samples, batch_size))
     for idx, batch in groups:
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():

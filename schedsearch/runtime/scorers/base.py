@@ -1,7 +1,8 @@
 """What every ranking sees and returns: the :class:`ScoreContext` and the :class:`Scorer` protocol.
 
 A scorer is called by the runtime just before decoder layer ``l`` runs, when the schedule says the kept
-visual count falls at ``l``. It receives a :class:`ScoreContext` describing the tokens currently alive and
+visual count falls at ``l``. It receives a :class:`ScoreContext` describing the tokens currently alive (for a
+ragged batch: one call per group of samples with equal counts, ``ScoreContext.rows``) and
 returns non-negative scores, one per alive visual token; the runtime keeps the ``n_keep`` highest (stable
 ties: earlier token wins) and the scores double as recycling weights.
 
@@ -54,6 +55,18 @@ class ScoreContext:
     alive_orig: torch.Tensor | None = None
     #: number of visual tokens per sample before any drop of this prefill
     n_visual: int | None = None
+    #: (B, V, 2) long (clip, frame) of the alive visual tokens -- the sample's video number and temporal patch, or
+    #: (-1, 0) for image tokens; filled only for scorers with ``needs_time = True`` (and ``needs_coords``)
+    time: torch.Tensor | None = None
+    #: (B, V) long modality of the alive visual tokens: 1 = image, 2 = video
+    modality: torch.Tensor | None = None
+    #: {1: image count, 2: video count} kept at this drop when the schedule prunes modalities on their own
+    #: (``modality_keep_ratios``); None = ``n_keep`` covers all visual tokens together
+    n_keep_modality: dict[int, int] | None = None
+    #: (B,) indices of these samples in the whole batch, when the runtime scores a ragged batch in rectangular
+    #: sub-batches (samples grouped by visual count, alive visual count and n_keep); None = the whole batch.
+    #: Per-prefill state a scorer keeps for the whole batch is read through :func:`batch_rows`.
+    rows: torch.Tensor | None = None
     #: scratch space shared by ``__call__`` and ``merge`` of ONE drop (a plan computed once, used twice)
     scratch: dict = field(default_factory=dict)
 
@@ -61,7 +74,8 @@ class ScoreContext:
 class Scorer(Protocol):
     """A ranking. Only ``name`` and ``__call__`` are required; the runtime also uses, when a scorer has them:
 
-    * ``needs_coords = True``: fill ``ctx.coords``.
+    * ``needs_coords = True``: fill ``ctx.coords``. ``needs_time = True`` (with ``needs_coords``): fill
+      ``ctx.time`` (video rankings: which clip and frame each token belongs to).
     * ``vision_layers(depth, global_layers) -> {layer: kinds}``: called once when the schedule is applied, with
       the vision encoder's depth and the layers whose attention is global (adapter ``vision_encoder_layers``);
       the runtime records those maps during every vision-encoder run (adapter ``vision_maps_hook``) and fills
@@ -92,6 +106,11 @@ class PrefillView:
     visual: torch.Tensor  # (B, n) bool: visual tokens
 
 
+def batch_rows(ctx: ScoreContext, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B_whole, ...) -- state a scorer or observer kept for the whole batch -- at the samples of ``ctx``."""
+    return t if ctx.rows is None else t.index_select(0, ctx.rows.to(t.device))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -108,6 +127,14 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
 
     query_local: (B, Q) positions. Returns (B, Q, n) in float32. Causal: a query never attends to later keys.
     """
+    logits = attention_logits(ctx, query_local, use_rope)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs.mean(dim=1)  # (B, Q, n)
+
+
+def attention_logits(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool) -> torch.Tensor:
+    """(B, H, Q, n) float32 scaled attention logits of the given queries over the alive keys, -inf where the layer's
+    mask forbids the pair (causal, padding, windows): the rows :func:`attention_rows` takes the softmax of."""
     layer = ctx.layer
     attn = layer.self_attn
     h = layer.input_layernorm(ctx.hidden_states)
@@ -134,9 +161,7 @@ def attention_rows(ctx: ScoreContext, query_local: torch.Tensor, use_rope: bool)
         allowed = ctx.key_valid[:, None, None, :] & rows[:, None]
     else:
         allowed = ctx.key_valid[:, None, None, :] & (keys[None, None, None, :] <= query_local[:, None, :, None])
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs.mean(dim=1)  # (B, Q, n)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def layer_keys(ctx: ScoreContext, use_rope: bool = True, normed: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,26 +1,28 @@
-"""``composite``: a weighted combination of 2-3 registered rankings (what ``--scorer auto`` searches besides them).
+"""``composite``: several rankings at once -- a union of per-criterion shares, or a weighted rank ensemble.
 
-Two ways to combine the parts' scores, both scale-free (the parts' scores live on unrelated scales: attention
-probabilities, distances, 0/1 picks):
+Params (checked by ``scorer_specs.Members``)::
 
-* ``rank`` (default): each part's scores become rank percentiles over the alive visual tokens of a sample (1 = its
-  best token, 0 = its worst; ties broken as the runtime breaks them, earlier token first), and the composite score
-  is their weighted mean. This is reciprocal-rank-style fusion on percentiles, our design choice (no paper).
-* ``union``: the kept set is filled part by part: part i contributes its best ``round(w_i / sum(w) * n_keep)``
-  tokens not already taken, the last part fills the remainder. With ``[last_token_attention (rope false),
-  uniform]`` this is FEATHER's rule (Endo et al., arXiv 2412.13180, Sec. 5: attention top-k without RoPE plus
-  uniformly sampled tokens); its released code keeps the union of both sets, here the two shares are sized so the
-  kept count is exactly the schedule's.
+    {"mode": "union",                       # or "rank"
+     "members": [{"name": "last_token_attention", "params": {"rope": false}, "weight": 1},
+                 {"name": "uniform", "weight": 1}]}
 
-Every part is a full scorer built from the registry with its own parameters: the composite forwards the runtime's
-optional hooks (``needs_coords``, ``vision_layers``, ``attach``, ``begin``) to the parts that have them and gives
-each part its own ``ctx.scratch``. A part's ``merge`` (VisionZip's contextual tokens, SparseVLM's recycling) is not
-used: a composite only chooses tokens (a schedule's ``recycling`` section still merges).
+* ``mode="union"``: member i gets a share q_i of the ``n_keep`` slots proportional to its weight (largest
+  remainder; earlier members win ties); in member order, each member takes its q_i best tokens among those not
+  taken yet. The kept set is thus the union of per-criterion top-k sets, with exactly ``n_keep`` tokens. This is the
+  shape of FEATHER's rule (Endo et al., arXiv 2412.13180, Sec. 5: attention top-k united with a uniform grid).
+* ``mode="rank"``: each member's scores become ranks normalised to [0, 1] (1 = best; ties by token order, as the
+  runtime breaks them) and the composite score is their weighted mean (a Borda count).
+
+Every member sees the same :class:`ScoreContext` (each with its own ``scratch``); the composite forwards
+``needs_coords``, ``vision_layers``, ``attach`` and ``begin`` to its members. Members' ``merge`` steps (VisionZip's
+contextual tokens, SparseVLM's recycling) are not applied: a composite only chooses the kept set (use
+``recycling`` in the schedule to merge pruned tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -28,83 +30,83 @@ import torch
 from schedsearch.runtime.scorers.base import ScoreContext
 
 
-def rank_percentile(scores: torch.Tensor) -> torch.Tensor:
-    """(B, V) scores -> (B, V) in [0, 1]: 1 for each row's best token, 0 for its worst (stable: earlier first)."""
+def shares(n: int, weights: list[float]) -> list[int]:
+    """``n`` slots split in proportion to ``weights`` by largest remainder (ties: earlier member)."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    out = [math.floor(x) for x in exact]
+    rest = n - sum(out)
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[:rest]:
+        out[i] += 1
+    return out
+
+
+def normalised_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(B, V) scores -> (B, V) in [0, 1]: 1 for the best token, 0 for the worst (stable: earlier token first)."""
     bsz, v = scores.shape
-    if v <= 1:
-        return torch.ones_like(scores, dtype=torch.float32)
     order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
     pos = torch.empty_like(order)
     pos.scatter_(1, order, torch.arange(v, device=scores.device).expand(bsz, v))
-    return 1.0 - pos.float() / (v - 1)
+    return 1.0 - pos.float() / max(v - 1, 1)
 
 
 class Composite:
     name = "composite"
 
-    def __init__(self, parts: list[dict[str, Any]], mode: str = "rank"):
+    def __init__(self, members: list[dict] | tuple = (), mode: str = "union"):
         from schedsearch.runtime.scorers import build_scorer
 
         self.mode = mode
-        self.parts = [build_scorer(p["name"], p["params"]) for p in parts]
-        self.weights = [float(p["weight"]) for p in parts]
-        self.needs_coords = any(getattr(s, "needs_coords", False) for s in self.parts)
-        # the runtime looks for these hooks with hasattr: offer each only when a part has it (a composite of
-        # rankings that do not read the vision encoder must keep working on families without vision maps)
-        if any(hasattr(s, "vision_layers") for s in self.parts):
+        self.weights = [float(m.get("weight", 1.0)) for m in members]
+        self.members = [build_scorer(m["name"], dict(m.get("params") or {})) for m in members]
+        self.needs_coords = any(getattr(m, "needs_coords", False) for m in self.members)
+        self.needs_time = any(getattr(m, "needs_time", False) for m in self.members)
+        if any(hasattr(m, "vision_layers") for m in self.members):
             self.vision_layers = self._vision_layers
-        if any(hasattr(s, "attach") for s in self.parts):
-            self.attach = self._attach
-        if any(hasattr(s, "begin") for s in self.parts):
-            self.begin = self._begin
 
-    def _vision_layers(self, depth: int, global_layers: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
-        out: dict[int, set[str]] = {}
-        for s in self.parts:
-            if hasattr(s, "vision_layers"):
-                for layer, kinds in s.vision_layers(depth, global_layers).items():
-                    out.setdefault(layer, set()).update(kinds)
-        return {layer: tuple(sorted(kinds)) for layer, kinds in out.items()}
+    def _vision_layers(self, depth: int, global_layers: Any) -> dict:
+        out: dict = {}
+        for m in self.members:
+            if hasattr(m, "vision_layers"):
+                for layer, kinds in m.vision_layers(depth, global_layers).items():
+                    out[layer] = tuple(dict.fromkeys((*out.get(layer, ()), *kinds)))
+        return out
 
-    def _attach(self, text_model: Any, view: Any) -> list:
+    def attach(self, text_model: Any, view: Any) -> list:
         handles: list = []
-        for s in self.parts:
-            if hasattr(s, "attach"):
-                handles.extend(s.attach(text_model, view))
+        for m in self.members:
+            if hasattr(m, "attach"):
+                handles.extend(m.attach(text_model, view))
         return handles
 
-    def _begin(self, batch_info: dict) -> None:
-        for s in self.parts:
-            if hasattr(s, "begin"):
-                s.begin(batch_info)
+    def begin(self, batch_info: dict) -> None:
+        for m in self.members:
+            if hasattr(m, "begin"):
+                m.begin(batch_info)
 
-    def _part(self, i: int, ctx: ScoreContext, n_keep: int) -> torch.Tensor:
-        sub = dataclasses.replace(ctx, n_keep=n_keep, scratch=ctx.scratch.setdefault(("part", i), {}))
-        return self.parts[i](sub).float()
+    def _scores(self, ctx: ScoreContext) -> list[torch.Tensor]:
+        return [m(dataclasses.replace(ctx, scratch={})).float() for m in self.members]
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
-        total = sum(self.weights)
-        if self.mode == "rank":  # every part ranks for the full kept count; weighted mean of rank percentiles
-            return sum(w * rank_percentile(self._part(i, ctx, ctx.n_keep))
-                       for i, w in enumerate(self.weights)) / total
         bsz, v = ctx.visual_local.shape
+        per = self._scores(ctx)
+        if self.mode == "rank":
+            total = sum(self.weights)
+            return sum(w * normalised_ranks(s) for w, s in zip(self.weights, per, strict=True)) / total
         n_keep = min(ctx.n_keep, v)
-        taken = torch.zeros(bsz, v, dtype=torch.bool, device=ctx.visual_local.device)
-        fused = torch.zeros(bsz, v, device=ctx.visual_local.device)
         out = torch.zeros(bsz, v, device=ctx.visual_local.device)
-        left = n_keep
-        for i, w in enumerate(self.weights):
-            share = left if i == len(self.weights) - 1 else min(left, int(round(w / total * n_keep)))
-            # each part ranks for its own share (uniform spaces exactly that many tokens, greedy picks stop there)
-            x = self._part(i, ctx, max(share, 1))
-            fused += w / total * rank_percentile(x)
-            if share <= 0:
+        if n_keep <= 0:
+            return out
+        taken = torch.zeros(bsz, v, dtype=torch.bool, device=out.device)
+        rows = torch.arange(bsz, device=out.device)[:, None]
+        rank = 0
+        for q, s in zip(shares(n_keep, self.weights), per, strict=True):
+            if q == 0:
                 continue
-            order = torch.argsort(x.masked_fill(taken, float("-inf")), dim=1, descending=True, stable=True)
-            pick = order[:, :share]
-            # earlier parts' picks rank above later parts' (each part's picks in its own order)
-            level = (len(self.weights) - i) + 1.0 - torch.arange(share, device=out.device).float() / share
-            out = out.scatter(1, pick, level.expand(bsz, share))
-            taken = taken.scatter(1, pick, True)
-            left -= share
-        return torch.where(taken, out, 0.5 * fused)  # tokens nobody took: below every taken one, in fused order
+            s = s.to(out.device).masked_fill(taken, float("-inf"))
+            pick = torch.argsort(s, dim=1, descending=True, stable=True)[:, :q]
+            taken[rows, pick] = True
+            out[rows, pick] = torch.arange(n_keep - rank, n_keep - rank - q, -1, device=out.device).float()
+            rank += q
+        return out

@@ -23,23 +23,20 @@ from typing import Any
 import torch
 
 from schedsearch.runtime.scorers.base import ScoreContext, layer_keys, text_after_visual, visual_states
-from schedsearch.runtime.scorers.observers import PreviousLayer
+from schedsearch.runtime.scorers.observers import ReadsPreviousLayer
 
 
-class DART:
+class DART(ReadsPreviousLayer):
     name = "dart"
 
     def __init__(self, image_pivots: int = 4, text_pivots: int = 4):
         self.image_pivots, self.text_pivots = int(image_pivots), int(text_pivots)
-        self._prev = PreviousLayer()
+        super().__init__()
         self._norm: Any = None
 
     def attach(self, text_model: Any, view: Any) -> list:
         self._norm = getattr(text_model, "norm", None)
-        return self._prev.attach(text_model, view)
-
-    def begin(self, batch_info: dict) -> None:
-        self._prev.begin()
+        return super().attach(text_model, view)
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
         bsz, v = ctx.visual_local.shape

@@ -38,7 +38,7 @@ class FlowCut:
     def __init__(self, layer: int = -2):
         self.layer = int(layer)
         self._layers: tuple[int, ...] = ()
-        self._score: torch.Tensor | None = None  # per original visual token, computed once per prefill
+        self._score: dict = {}  # per original visual token, computed once per prefill (and sub-batch)
 
     def vision_layers(self, depth: int, global_layers: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
         last = resolve_vision_layer(self.layer, depth, global_layers)
@@ -46,7 +46,7 @@ class FlowCut:
         return {layer: ("cls", "value_sim", "value_l1") for layer in self._layers}
 
     def begin(self, batch_info: dict) -> None:
-        self._score = None
+        self._score = {}
 
     def _full_score(self, ctx: ScoreContext) -> torch.Tensor:
         vis = ctx.vision
@@ -65,6 +65,7 @@ class FlowCut:
         return torch.where(spatial, score, big.expand_as(score))  # newline tokens rank first
 
     def __call__(self, ctx: ScoreContext) -> torch.Tensor:
-        if self._score is None:
-            self._score = self._full_score(ctx)
-        return self._score.to(ctx.visual_orig.device).gather(1, ctx.visual_orig).clamp_min(0)
+        key = None if ctx.rows is None else tuple(ctx.rows.tolist())  # a ragged batch's sub-batch: its own rows
+        if key not in self._score:
+            self._score[key] = self._full_score(ctx)
+        return self._score[key].to(ctx.visual_orig.device).gather(1, ctx.visual_orig).clamp_min(0)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from schedsearch.runtime.scorers.base import PrefillView, ScoreContext
+from schedsearch.runtime.scorers.base import PrefillView, ScoreContext, batch_rows
 
 
 class PreviousLayer:
@@ -49,6 +49,21 @@ class PreviousLayer:
         if last is None or last[0] != ctx.layer_idx - 1 or last[2].shape[1] != ctx.hidden_states.shape[1]:
             return ctx
         i, module, h, pe = last
-        bsz = ctx.hidden_states.shape[0]
-        cos, sin = (t.expand(bsz, *t.shape[1:]) for t in pe) if pe is not None else (ctx.cos, ctx.sin)
+        bsz = h.shape[0]  # the whole batch: a ragged batch's sub-batch takes its rows
+        cos, sin = (batch_rows(ctx, t.expand(bsz, *t.shape[1:])) for t in pe) if pe is not None else (ctx.cos, ctx.sin)
+        h = batch_rows(ctx, h)
         return dataclasses.replace(ctx, layer=module, layer_idx=i, hidden_states=h, cos=cos, sin=sin, scratch={})
+
+
+class ReadsPreviousLayer:
+    """Base of the scorers that rank with layer l-1 at a drop before layer l (FastV, FEATHER, DART): installs
+    the :class:`PreviousLayer` observer with the runtime's hooks and resets it at every pruning prefill."""
+
+    def __init__(self) -> None:
+        self._prev = PreviousLayer()
+
+    def attach(self, text_model: Any, view: Callable[[], PrefillView | None]) -> list:
+        return self._prev.attach(text_model, view)
+
+    def begin(self, batch_info: dict) -> None:
+        self._prev.begin()

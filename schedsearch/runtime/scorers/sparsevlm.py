@@ -30,6 +30,7 @@ import torch
 from schedsearch.runtime.scorers.base import (
     PrefillView,
     ScoreContext,
+    batch_rows,
     mask_indices,
     mean_attention,
     text_after_visual,
@@ -96,17 +97,23 @@ class SparseVLM:
         self.recycle = bool(recycle)
         self._prev = PreviousLayer()
         self._raters: torch.Tensor | None = None  # (B, N) bool over ORIGINAL positions
+        self._rated: torch.Tensor | None = None  # (B,) bool: samples whose raters are set
+        self._view: Callable[[], PrefillView | None] | None = None
 
     def attach(self, text_model: Any, view: Callable[[], PrefillView | None]) -> list:
+        self._view = view
+
         def first(module: Any, args: tuple, kwargs: dict) -> None:
             v = view()
-            if v is None or self._raters is not None:
+            if v is None or (self._raters is not None and bool(self._rated.all())):
                 return None
             h = args[0] if args else kwargs["hidden_states"]
             text = v.valid & ~v.visual
             pos = torch.arange(text.shape[1], device=text.device)
             last = torch.where(v.visual, pos, -1).max(dim=1, keepdim=True).values
-            self._set_raters(rater_mask(h, v.visual, text & (pos > last)), v.alive)
+            todo = None if self._raters is None else (~self._rated).nonzero()[:, 0]  # rows a layer-0 drop skipped
+            mask = rater_mask(h, v.visual, text & (pos > last))
+            self._set_raters(mask if todo is None else mask[todo], v.alive if todo is None else v.alive[todo], todo)
             return None
 
         return [*self._prev.attach(text_model, view),
@@ -116,9 +123,25 @@ class SparseVLM:
         self._prev.begin()
         self._raters = None
 
-    def _set_raters(self, mask: torch.Tensor, alive: torch.Tensor) -> None:
-        full = torch.zeros(mask.shape[0], int(alive.max()) + 1, dtype=torch.bool, device=mask.device)
-        self._raters = full.scatter(1, alive, mask)
+    def _set_raters(self, mask: torch.Tensor, alive: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Raters (B, n) of the alive tokens ``alive`` -> ``_raters`` over original positions; ``rows``: only those
+        samples of the whole batch (a ragged batch scored in sub-batches, see ScoreContext.rows)."""
+        if rows is None:
+            full = torch.zeros(mask.shape[0], int(alive.max()) + 1, dtype=torch.bool, device=mask.device)
+            self._raters = full.scatter(1, alive, mask)
+            self._rated = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+            return
+        if self._raters is None:
+            whole = self._view() if self._view is not None else None
+            if whole is None:
+                raise RuntimeError("sparsevlm: a sub-batch outside a pruning prefill")
+            self._raters = torch.zeros(whole.alive.shape[0], int(whole.alive.max()) + 1, dtype=torch.bool,
+                                       device=mask.device)
+            self._rated = torch.zeros(whole.alive.shape[0], dtype=torch.bool, device=mask.device)
+        rows = rows.to(mask.device)
+        part = torch.zeros(len(rows), self._raters.shape[1], dtype=torch.bool, device=mask.device)
+        self._raters = self._raters.index_copy(0, rows, part.scatter(1, alive.clamp(max=part.shape[1] - 1), mask))
+        self._rated = self._rated.index_fill(0, rows, True)
 
     def _plan(self, ctx: ScoreContext) -> dict:
         if "sparsevlm" in ctx.scratch:
@@ -126,10 +149,12 @@ class SparseVLM:
         bsz, v = ctx.visual_local.shape
         alive = ctx.alive_orig if ctx.alive_orig is not None else \
             torch.arange(ctx.hidden_states.shape[1], device=ctx.visual_local.device).expand(bsz, -1)
-        if self._raters is None:  # a drop before layer 0: ctx holds the input embeddings
+        rows_todo = self._raters is None or (ctx.rows is not None and not bool(batch_rows(ctx, self._rated).all()))
+        if rows_todo:  # a drop before layer 0: ctx holds the input embeddings
             visual = torch.zeros_like(ctx.text_mask).scatter(1, ctx.visual_local, True)
-            self._set_raters(rater_mask(ctx.hidden_states, visual, text_after_visual(ctx)), alive)
-        raters = self._raters.to(alive.device).gather(1, alive.clamp(max=self._raters.shape[1] - 1))
+            self._set_raters(rater_mask(ctx.hidden_states, visual, text_after_visual(ctx)), alive, ctx.rows)
+        raters = batch_rows(ctx, self._raters.to(alive.device))
+        raters = raters.gather(1, alive.clamp(max=raters.shape[1] - 1))
         raters = raters & ctx.text_mask
         raters = torch.where(raters.any(dim=1, keepdim=True), raters, text_after_visual(ctx))
         relation = mean_attention(self._prev.context(ctx), raters)  # (B, V)

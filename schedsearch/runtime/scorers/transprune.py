@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from schedsearch.runtime.scorers.base import PrefillView, ScoreContext, mean_attention, text_after_visual
+from schedsearch.runtime.scorers.base import PrefillView, ScoreContext, batch_rows, mean_attention, text_after_visual
 
 
 def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class TransPrune:
         start = self.start if self.start >= 0 else max(0, self._first - 1)
         layers = [i for i in self._acc if start <= i < ctx.layer_idx]
         if layers and ctx.alive_orig is not None:
-            acc = sum(self._acc[i] for i in layers).to(score.device)
+            acc = batch_rows(ctx, sum(self._acc[i] for i in layers).to(score.device))
             ttv = acc.gather(1, ctx.alive_orig.gather(1, ctx.visual_local).clamp(max=acc.shape[1] - 1))
             score = score + ttv / ttv.sum(dim=1, keepdim=True).clamp_min(1e-8)
         if self.iga:
