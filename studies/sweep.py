@@ -11,7 +11,7 @@ For each FLOPs budget in :data:`BUDGETS` and each method in :data:`METHODS` (a "
   rankings with its published profile, :data:`FIXED`) are budget-matched on the calibration set's token counts
   exactly as ``schedsearch baseline`` does (:func:`schedsearch.search.methods.baseline_candidate`); a budget they cannot
   reach is recorded as an infeasible cell;
-* searched methods run through the ``optimize`` machinery in-process: psigmoid and vflow through
+* searched methods run through the ``optimize`` machinery in-process: psigmoid, twostage and vflow through
   :func:`schedsearch.search.optimize.run_study` (the preset's sampler, trial count and seed), gsearch through
   the driver's greedy ask/tell loop (its trial count is the number of distinct schedules it evaluated);
   all search on the calibration set (``calibration_data/toy`` by default) and never see the held-out set;
@@ -60,7 +60,7 @@ from schedsearch.search.screen import TOP as SCREEN_TOP  # noqa: E402
 BUDGETS = (0.5, 0.3, 0.2, 0.1, 0.05)
 #: every fixed baseline ``schedsearch baseline NAME`` knows: each method's published profile, budget-matched
 FIXED = tuple(BASELINES)
-SEARCHED = ("psigmoid", "gsearch", "vflow")
+SEARCHED = ("psigmoid", "twostage", "gsearch", "vflow")
 METHODS = FIXED + SEARCHED
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -458,7 +458,8 @@ def markdown(results: dict) -> str:
         "# Budget sweep on the shipped toy model",
         "",
         f"- command: `{m['command']}`",
-        f"- preset: `{m['preset']}` — psigmoid and vflow: {p['trials']} trials each, sampler `{p['sampler']}`, "
+        f"- preset: `{m['preset']}` — psigmoid, twostage and vflow: {p['trials']} trials each, "
+        f"sampler `{p['sampler']}`, "
         f"seed {p['seed']}; gsearch: step {p['gsearch_step']}, budget mode (trials = distinct schedules it "
         f"evaluated); scorer searched (`auto`: every registered ranking screened once at the budget's flat keep "
         f"ratio, trials choose among the best {SCREEN_TOP} and composites of the best 2-3); {n_fixed} fixed "

@@ -124,3 +124,20 @@ def test_resumed_study_reuses_the_stored_choices(objective, tmp_path):
     assert len(calls) <= 2 + 2  # two trials + the winner's replay (search and held-out): no screen again
     assert second.study.user_attrs["scorer_choices"] == first.study.user_attrs["scorer_choices"]
     assert len(second.study.trials) == 4
+
+
+def test_twostage_meets_the_budget_and_covers_the_one_drop_profiles(objective):
+    """twostage: keep r0 from layer 0, f * r0 from layer l; r0 solved, so every sampled (l, f) meets the budget."""
+    import optuna
+
+    from schedsearch.search.methods import SearchContext, TwoStage
+
+    n = objective.adapter.num_layers
+    bfn = objective.budget_fn("flops")
+    ctx = SearchContext(num_layers=n, budget_fn=bfn, target=0.6, kind="flops", scorer={"name": "uniform"})
+    for layer, f in [(1, 0.0), (n // 2, 0.0), (n - 1, 0.5), (2, 1.0)]:
+        cand = TwoStage().suggest(optuna.trial.FixedTrial({"l": layer, "f": f}), ctx)
+        r = cand.ratios
+        assert bfn(r) <= 0.6 + 1e-12 and bfn(r) > 0.5  # budget-matched from below
+        assert all(x == r[0] for x in r[:layer]) and all(x == pytest.approx(r[0] * f) for x in r[layer:])
+        assert cand.params["r0"] == r[0] and cand.scorer == {"name": "uniform"}

@@ -34,7 +34,7 @@ def test_committed_results_match_the_preset_in_their_header():
     from schedsearch.search.fixed import BASELINES
 
     # every method's published profile is a budget-matched peer row, besides the three searches
-    assert set(preset.methods) == set(BASELINES) | {"psigmoid", "gsearch", "vflow"}
+    assert set(preset.methods) == set(BASELINES) | {"psigmoid", "twostage", "gsearch", "vflow"}
     assert {"fastv", "pdrop", "uniform", "fastervlm", "sparsevlm", "dart"} <= set(BASELINES)
     assert set(preset.budgets) == {0.5, 0.3, 0.2, 0.1, 0.05}
     for r in rows:
@@ -105,9 +105,9 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
         assert (c["trials"] == 0) == (c["method"] in sweep.FIXED)
         timed = c["method"] in sweep.SEARCHED or c["method"] in preset.timed_peers
         assert (c["speedup"] is not None) == timed, c["method"]
-        if c["method"] in ("psigmoid", "vflow"):
+        if c["method"] in ("psigmoid", "twostage", "vflow"):
             assert c["trials"] == 2
-        if c["method"] in ("psigmoid", "gsearch"):  # --scorer auto: the screen is recorded with the cell
+        if c["method"] in ("psigmoid", "twostage", "gsearch"):  # --scorer auto: the screen is recorded with the cell
             labels = {r["label"] for r in c["screen"]}
             assert {"uniform", "fastervlm", "sparsevlm", "last_token_attention:rope=false"} <= labels
             assert c["scorer_choices"] and c["scorer"]["name"] in {"composite"} | {
@@ -129,7 +129,7 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert "## Best searched schedule against the best peer" in (out / "sweep.md").read_text(encoding="utf-8")
     assert json.loads((out / "sweep.json").read_text())["cells"][0]["method"] == "fastv"
     for name in ("sweep_accuracy.png", "sweep_discrepancy.png", "sweep_keep_psigmoid.png", "sweep_keep_gsearch.png",
-                 "sweep_keep_vflow.png"):
+                 "sweep_keep_vflow.png", "sweep_keep_twostage.png"):
         assert (out / name).stat().st_size > 1000, name
 
     from schedsearch.tracking import Tracker

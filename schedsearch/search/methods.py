@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schedsearch.search.budget import BudgetFn
+from schedsearch.search.budget import BudgetFn, solve_increasing
 from schedsearch.search.fixed import BASELINE_SCORERS, BASELINES
 from schedsearch.search.psigmoid import pcosine, psigmoid
 
@@ -96,13 +96,35 @@ class PCosine:
         return Candidate(ratios, solved, pick_scorer(trial, ctx))
 
 
+def twostage_ratios(num_layers: int, r0: float, layer: int, f: float) -> list[float]:
+    return [r0 if i < layer else r0 * f for i in range(num_layers)]
+
+
+class TwoStage:
+    """Two stages over depth: keep r0 from layer 0, then ``f * r0`` from layer ``l`` on; l and f searched, r0
+    solved for the budget. The shape the field's one-drop profiles share: FastV (arXiv 2403.06764) is r0 = 1 with a
+    drop at K, ToDRE (arXiv 2505.18757) is f = 0 (every visual token dropped at mid depth), a flat schedule is
+    f = 1; the search picks where and how much (our parameterization)."""
+
+    name = "twostage"
+    searches_scorer = True
+
+    def suggest(self, trial: Any, ctx: SearchContext) -> Candidate:
+        n = ctx.num_layers
+        layer = trial.suggest_int("l", 1, max(1, n - 1))
+        f = trial.suggest_float("f", 0.0, 1.0)
+        r0 = solve_increasing(lambda x: ctx.budget_fn(twostage_ratios(n, x, layer, f)), ctx.target, 0.0, 1.0)
+        return Candidate(twostage_ratios(n, r0, layer, f), {"r0": r0}, pick_scorer(trial, ctx))
+
+
 def _vflow() -> Method:
     from schedsearch.search.vflow import VFlow  # imports this module: resolved lazily
 
     return VFlow()
 
 
-METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCosine, "vflow": _vflow}
+METHODS: dict[str, Callable[[], Method]] = {"psigmoid": PSigmoid, "pcosine": PCosine, "twostage": TwoStage,
+                                            "vflow": _vflow}
 
 
 def baseline_candidate(name: str, ctx: SearchContext) -> Candidate:
