@@ -611,3 +611,47 @@ def test_ragged_image_and_video_batch_equals_each_sample_alone(vad, scorer, per_
                     if rule is not None and total:
                         assert int((got == code).sum()) == kept_counts(rule, total)[layer], (scorer, i, layer)
             assert float((alone - out[i]).abs().max()) <= 1e-4, (scorer, i)
+
+
+def _holitom_merge_loop(h, keep, heads, frames, beta):
+    """HoliTom's merge written as the plain per-token / per-target loop (one sample)."""
+    x = torch.nn.functional.normalize(h, dim=-1)
+    out = h.clone()
+    target = torch.full((h.shape[0],), -1, dtype=torch.long)
+    static = (heads >= 0) & ~keep & keep[heads.clamp(min=0)]
+    target[static] = heads[static]
+    for i in (~keep & ~static).nonzero().squeeze(1).tolist():
+        cand = (keep & (frames == frames[i])).nonzero().squeeze(1)
+        if cand.numel():
+            target[i] = cand[(x[cand] @ x[i]).argmax()]
+    for t in target[target >= 0].unique().tolist():
+        temporal, spatial = (target == t) & static, (target == t) & ~static
+        acc = h[t]
+        if bool(temporal.any()):
+            acc = torch.cat([acc[None], h[temporal]]).mean(0)
+        if bool(spatial.any()):
+            acc = beta * acc + (1 - beta) * h[spatial].mean(0)
+        out[t] = acc
+    return out
+
+
+@pytest.mark.parametrize("keep_n", [10, 40, 90])
+def test_holitom_merge_equals_the_plain_loop(keep_n):
+    """The vectorised merge (one index_add per sum) gives what the per-token loop gives."""
+    from schedsearch.runtime.scorers.holitom import HoliTom, frame_ids
+
+    g = torch.Generator().manual_seed(keep_n)
+    frames, side = 4, 6
+    base = torch.randn(2, side * side, 16, generator=g)
+    states = torch.cat([base + 0.3 * (f % 2) * torch.randn(2, side * side, 16, generator=g) for f in range(frames)], 1)
+    ctx = _vctx(states, frames, side, keep_n)
+    scorer = HoliTom(tau=0.5)
+    scores = scorer(ctx)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :keep_n]
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    merged = scorer.merge(ctx, keep, scores)
+    heads = ctx.scratch["holitom_heads"]
+    assert bool((heads >= 0).any())  # some static windows, so both merge kinds run
+    for b in range(2):
+        want = _holitom_merge_loop(states[b], keep[b], heads[b], frame_ids(ctx, b), scorer.beta)
+        assert torch.allclose(merged[b], want, atol=1e-6)

@@ -113,18 +113,28 @@ class HoliTom:
             static = (heads[b] >= 0) & ~keep[b]
             static &= keep[b, heads[b].clamp(min=0)]
             target[static] = heads[b, static]
-            rest = ~keep[b] & ~static
-            for i in rest.nonzero().squeeze(1).tolist():  # the most similar kept token of the same picture
-                cand = (keep[b] & (frames == frames[i])).nonzero().squeeze(1)
-                if cand.numel():
-                    target[i] = cand[(x[b, cand] @ x[b, i]).argmax()]
-            for t in target[target >= 0].unique().tolist():
-                temporal = (target == t) & static
-                spatial = (target == t) & ~static
-                acc = h[b, t]
-                if bool(temporal.any()):  # the window mean of a static position
-                    acc = torch.cat([acc[None], h[b, temporal]]).mean(0)
-                if bool(spatial.any()):
-                    acc = self.beta * acc + (1 - self.beta) * h[b, spatial].mean(0)
-                out[b, t] = acc
+            rest = (~keep[b] & ~static).nonzero().squeeze(1)
+            kept = keep[b].nonzero().squeeze(1)
+            if rest.numel() and kept.numel():  # the most similar kept token of the same picture
+                sim = (x[b, rest] @ x[b, kept].T).masked_fill(frames[rest][:, None] != frames[kept][None], -2.0)
+                best = sim.max(dim=1)
+                found = best.values > -2.0
+                target[rest[found]] = kept[best.indices[found]]
+            # per target: the window mean of a static position (target + its static members), then, when pruned
+            # tokens of the same picture merge into it, beta * that + (1 - beta) * their mean (summed, no loop)
+            d = h.shape[-1]
+            temporal = (target >= 0) & static
+            spatial = (target >= 0) & ~static
+            tsum = h[b].clone().float().index_add_(0, target[temporal], h[b, temporal].float())
+            tcnt = torch.ones(h.shape[1], device=h.device).index_add_(
+                0, target[temporal], torch.ones(int(temporal.sum()), device=h.device))
+            ssum = torch.zeros(h.shape[1], d, device=h.device).index_add_(0, target[spatial], h[b, spatial].float())
+            scnt = torch.zeros(h.shape[1], device=h.device).index_add_(
+                0, target[spatial], torch.ones(int(spatial.sum()), device=h.device))
+            acc = tsum / tcnt[:, None]
+            smean = ssum / scnt.clamp(min=1)[:, None]
+            mixed = torch.where(scnt[:, None] > 0, self.beta * acc + (1 - self.beta) * smean, acc)
+            touched = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
+            touched[target[target >= 0]] = True
+            out[b, touched] = mixed[touched].to(h.dtype)
         return out
