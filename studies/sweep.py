@@ -635,4 +635,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from schedsearch.errors import SchedsearchError
+
+    try:
+        main()
+    except SchedsearchError as err:  # a bad --device, model or calibration set: one line, as on the CLI
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

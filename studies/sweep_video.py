@@ -195,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--from-json", default=None, metavar="SWEEP_JSON")
+    from schedsearch.devices import add_arguments, load_kwargs
+
+    add_arguments(ap)  # --device / --dtype, as on the CLI
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
@@ -209,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from schedsearch.toy.video import write_video_dataset
 
     preset = PRESETS[args.preset]
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, **load_kwargs(args.device, args.dtype))
     calibration = load_manifest(args.calibration)
     warnings.filterwarnings("ignore", module="optuna")
     command = "python studies/sweep_video.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -220,4 +223,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from schedsearch.errors import SchedsearchError
+
+    try:
+        main()
+    except SchedsearchError as err:  # a bad --device, model or calibration set: one line, as on the CLI
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
