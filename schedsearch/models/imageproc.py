@@ -58,20 +58,8 @@ class ImageOnlyProcessor:
         flat = _flatten(images)
         if flat:
             image_inputs = self.process_images(flat, texts)
-            k = 0
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                if k + len(parts) - 1 > len(flat):
-                    raise ValueError(f"text has more {self.image_token} placeholders than images ({len(flat)})")
-                out = parts[0]
-                for p in parts[1:]:
-                    out += self.expand(image_inputs, k) + p
-                    k += 1
-                expanded.append(out)
-            if k != len(flat):
-                raise ValueError(f"{len(flat)} images but {k} {self.image_token} placeholders in the text")
-            texts = expanded
+            texts = expand_placeholders(texts, self.image_token,
+                                        [self.expand(image_inputs, k) for k in range(len(flat))])
         enc = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
         data = dict(enc)
         if self.mm_token_types:
@@ -91,6 +79,25 @@ class ImageOnlyProcessor:
 
     def decode(self, *args: Any, **kwargs: Any) -> Any:
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def expand_placeholders(texts: list[str], token: str, replacements: list[str], what: str = "images",
+                        hint: str = "") -> list[str]:
+    """Each ``token`` of the texts, in order across the batch, replaced by the next of ``replacements`` (the
+    processor's expansion of one image or video); as many placeholders as replacements, or a ValueError."""
+    k, expanded = 0, []
+    for t in texts:
+        parts = t.split(token)
+        if k + len(parts) - 1 > len(replacements):
+            raise ValueError(f"text has more {token} placeholders than {what} ({len(replacements)})")
+        out = parts[0]
+        for p in parts[1:]:
+            out += replacements[k] + p
+            k += 1
+        expanded.append(out)
+    if k != len(replacements):
+        raise ValueError(f"{len(replacements)} {what} but {k} {token} placeholders in the text{hint}")
+    return expanded
 
 
 def _flatten(images: Any) -> list[Any]:

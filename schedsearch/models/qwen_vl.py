@@ -33,6 +33,7 @@ from typing import Any
 from schedsearch.errors import ModelLoadError
 from schedsearch.models import load_hf_model
 from schedsearch.models.base import FamilySpec, HandleGroup, VLMAdapter, chat_content
+from schedsearch.models.imageproc import expand_placeholders
 
 __all__ = ["QWEN_SPECS", "Qwen25VLAdapter", "Qwen2VLAdapter", "QwenImageProcessor", "load_qwen_processor"]
 
@@ -80,21 +81,8 @@ class QwenImageProcessor:
             image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
             grid = image_inputs["image_grid_thw"]
             merge = int(self.image_processor.merge_size) ** 2
-            counts = [int(g.prod()) // merge for g in grid]
-            k = 0
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                if k + len(parts) - 1 > len(counts):
-                    raise ValueError(f"text has more {self.image_token} placeholders than images ({len(counts)})")
-                out = parts[0]
-                for p in parts[1:]:
-                    out += self.image_token * counts[k] + p
-                    k += 1
-                expanded.append(out)
-            if k != len(counts):
-                raise ValueError(f"{len(counts)} images but {k} {self.image_token} placeholders in the text")
-            texts = expanded
+            texts = expand_placeholders(texts, self.image_token,
+                                        [self.image_token * (int(g.prod()) // merge) for g in grid])
         enc = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
         data = dict(enc)
         ids = data["input_ids"]
@@ -145,19 +133,8 @@ class QwenImageProcessor:
                                             "<|vision_end|>" for t in stamps))
             else:
                 placeholders.append(self.video_token * (gt * n_frame))
-        k, expanded = 0, []
-        for t in texts:
-            parts = t.split(self.video_token)
-            if k + len(parts) - 1 > len(placeholders):
-                raise ValueError(f"text has more {self.video_token} placeholders than videos ({len(placeholders)})")
-            out_t = parts[0]
-            for p in parts[1:]:
-                out_t += placeholders[k] + p
-                k += 1
-            expanded.append(out_t)
-        if k != len(placeholders):
-            raise ValueError(f"{len(placeholders)} videos but {k} {self.video_token} placeholders in the text (does "
-                             "the chat template place {'type': 'video'} items?)")
+        expanded = expand_placeholders(texts, self.video_token, placeholders, "videos",
+                                       " (does the chat template place {'type': 'video'} items?)")
         data: dict[str, Any] = {"pixel_values_videos": torch.from_numpy(np.concatenate(patches)),
                                 "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
         if style == "qwen2.5":
